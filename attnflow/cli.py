@@ -1,0 +1,217 @@
+"""The `attnflow` command line: every stage is `attnflow <stage>`.
+
+User mistakes (bad input, bad configuration, missing data) print one line,
+``error: ...``, and exit non-zero without a traceback. Heavy libraries are imported
+inside the commands, so `attnflow --help` and each DVC stage start fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from pipelines.errors import AttnflowError
+
+app = typer.Typer(
+    name="attnflow",
+    help="attnflow: attention-flow data, models and rollouts, one stage at a time.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Data versions in DVC: push, pull, status.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a parameter: section.key=value (repeatable)."),
+]
+ParamsOpt = Annotated[Path, typer.Option("--params", help="The configuration file.")]
+
+
+def _setup_logging(verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    for noisy in ("great_expectations", "py.warnings", "urllib3", "httpx", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    """attnflow: attention-flow data, models and rollouts, one stage at a time."""
+    _setup_logging(verbose)
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+
+def _fail(exc: AttnflowError) -> None:
+    message = " ".join(str(exc).split())  # one line, whatever the message held
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(exc.exit_code)
+
+
+@contextmanager
+def user_errors():
+    """Turn `AttnflowError` into a one-line message and its exit code."""
+    try:
+        yield
+    except AttnflowError as exc:
+        _fail(exc)
+
+
+@contextmanager
+def spinner(text: str):
+    """A progress spinner on stderr while long work runs (silent when not a terminal)."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(text):
+        yield
+
+
+def _config(params: Path, overrides: list[str] | None):
+    from pipelines.config import load_config
+
+    return load_config(params, overrides or [])
+
+
+def _run_stage(
+    label: str,
+    fn: Callable[..., dict[str, Any]],
+    params: Path,
+    overrides: list[str] | None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    with user_errors():
+        cfg = _config(params, overrides)
+        with spinner(f"{label}..."):
+            return fn(cfg, Path("."), **kwargs)
+
+
+@app.command()
+def ingest(set_: SetOpt = None, params: ParamsOpt = Path("params.yaml")) -> None:
+    """Read the configured dataset into canonical events and items (data/ingested)."""
+    from pipelines import ingest as stage
+
+    m = _run_stage("ingesting", stage.run, params, set_)
+    typer.echo(
+        f"ingested {m['dataset']}: {m['n_events']:,} events, {m['n_users']:,} users, "
+        f"{m['n_items']:,} items -> data/ingested/"
+    )
+
+
+@app.command()
+def validate(
+    events: Annotated[
+        Path | None, typer.Option("--events", help="Check this event file (CSV/Parquet) only.")
+    ] = None,
+    set_: SetOpt = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Run the Great Expectations suites; exit non-zero if the data is rejected."""
+    from pipelines import validate as stage
+
+    if events is not None:
+        r = _run_stage("validating", stage.check_file, params, set_, events_path=events)
+    else:
+        r = _run_stage("validating", stage.run, params, set_)
+    typer.echo(f"valid: {r['rows']:,} events passed {r['expectations']} expectations")
+    typer.echo(f"Data Docs: {Path(r['data_docs']).resolve()}")
+
+
+@app.command()
+def split(set_: SetOpt = None, params: ParamsOpt = Path("params.yaml")) -> None:
+    """Build per-user sequences and the leave-one-out split (data/split)."""
+    from pipelines import split as stage
+
+    m = _run_stage("splitting", stage.run, params, set_)
+    typer.echo(
+        f"split: {m['n_users']:,} users, {m['n_items']:,} items, {m['n_events']:,} events "
+        f"(avg length {m['avg_seq_len']}) -> data/split/"
+    )
+
+
+@app.command()
+def retrain(
+    stages: Annotated[
+        list[str] | None, typer.Option("--stage", help="Run only these dvc.yaml stages.")
+    ] = None,
+) -> None:
+    """Run the retrain flow (the dvc.yaml stages as Prefect tasks)."""
+    from flows.retrain import retrain as retrain_flow
+
+    with user_errors():
+        result = retrain_flow(root=str(Path(".").resolve()), stages=stages)
+    for s in result["stages"]:
+        state = "ran" if s["ran"] else "up to date"
+        typer.echo(f"  {s['stage']:<10} {state:<11} {s['seconds']:.1f}s")
+
+
+@app.command()
+def demo() -> None:
+    """The main job end to end on the default dataset; prints where to look."""
+    from flows.retrain import retrain as retrain_flow
+    from pipelines.expectations import data_docs_index
+
+    with user_errors():
+        cfg = _config(Path("params.yaml"), None)
+        result = retrain_flow(root=str(Path(".").resolve()))
+    typer.echo("\nattnflow demo: the retrain flow finished")
+    for s in result["stages"]:
+        state = "ran" if s["ran"] else "up to date"
+        typer.echo(f"  {s['stage']:<10} {state:<11} {s['seconds']:.1f}s")
+    typer.echo(f"\n  dataset        {cfg.ingest.dataset}")
+    typer.echo(f"  events         {(cfg.paths.ingested_dir / 'events.parquet').resolve()}")
+    typer.echo(f"  splits         {cfg.paths.split_dir.resolve()}/")
+    typer.echo(f"  metrics        {cfg.paths.reports_dir.resolve()}/")
+    typer.echo(f"  Data Docs      file://{data_docs_index(cfg.paths.gx_root).resolve()}")
+    typer.echo("  Prefect runs   ephemeral API this time; `prefect server start` keeps a UI")
+
+
+@app.command("datasets")
+def list_datasets() -> None:
+    """List the datasets the registry knows."""
+    from pipelines.datasets import BUILTIN, REGISTRY
+
+    for spec in REGISTRY.values():
+        where = spec.url or "mirror only"
+        typer.echo(f"{spec.name:<16} {spec.reader:<15} {where}")
+    for name in BUILTIN:
+        typer.echo(f"{name:<16} {'built-in':<15} (see params.yaml: ingest.{name})")
+
+
+def _data(action: str) -> None:
+    from pipelines.versioning import data_command
+
+    with user_errors():
+        typer.echo(data_command(action, Path(".")))
+
+
+@data_app.command("push")
+def data_push() -> None:
+    """Push the DVC-tracked data versions to the remote."""
+    _data("push")
+
+
+@data_app.command("pull")
+def data_pull() -> None:
+    """Pull the data versions in dvc.lock from the remote."""
+    _data("pull")
+
+
+@data_app.command("status")
+def data_status() -> None:
+    """Compare the workspace, the DVC cache and the remote."""
+    _data("status")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,246 @@
+"""The one typed configuration of attnflow.
+
+`params.yaml` holds every stage's parameters, one section per stage (DVC reads the
+same file for its per-key params). `load_config` validates it into `Config`;
+`--set section.key=value` overrides are applied before validation. Unknown or
+mistyped keys are rejected with a message that names the key. Secrets and service
+URIs never live here: they come from the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipelines.errors import ConfigError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PathsConfig(Section):
+    """Where stages read and write, relative to the project root."""
+
+    data_dir: Path = Path("data")
+    reports_dir: Path = Path("reports")
+    gx_root: Path = Path(".")  # the Great Expectations file context lives in <gx_root>/gx
+
+    @property
+    def ingested_dir(self) -> Path:
+        return self.data_dir / "ingested"
+
+    @property
+    def split_dir(self) -> Path:
+        return self.data_dir / "split"
+
+    @property
+    def reference_dir(self) -> Path:
+        return self.data_dir / "reference"
+
+
+class ColumnMapping(Section):
+    """How the columns of an arbitrary event log map onto canonical events."""
+
+    user_id: str = "user_id"
+    item_id: str = "item_id"
+    ts: str = "ts"
+    event: str | None = "event"
+    value: str | None = None
+    dwell_s: str | None = None
+    text: str | None = None
+
+
+class EventLogConfig(Section):
+    """A CSV or Parquet event log of your own (`ingest.dataset: eventlog`)."""
+
+    path: Path | None = None
+    items_path: Path | None = None  # optional CSV/Parquet with item_id,title,genres,text
+    format: Literal["auto", "csv", "parquet"] = "auto"
+    columns: ColumnMapping = Field(default_factory=ColumnMapping)
+    ts_unit: Literal["s", "ms", "us", "iso"] = "s"
+    default_event: str = "view"  # used when `columns.event` is null
+
+
+class SyntheticConfig(Section):
+    """The synthetic attention-flow generator (`ingest.dataset: synthetic`)."""
+
+    n_users: int = Field(2000, ge=1)
+    n_items: int = Field(1000, ge=2)
+    n_topics: int = Field(10, ge=1)
+    events_per_user: float = Field(30.0, gt=2)
+    zipf_a: float = Field(1.1, gt=0)
+    pattern_prob: float = Field(0.5, ge=0, le=1)
+    seed: int = 0
+
+
+class IngestConfig(Section):
+    """Stage `ingest`: source dataset to canonical events and items."""
+
+    dataset: str = "ml-latest-small"
+    dwell_cap_s: float = Field(1800.0, gt=0)  # session gaps above this are not dwell
+    eventlog: EventLogConfig = Field(default_factory=EventLogConfig)
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    feedback_log: Path | None = None  # served feedback appended to the events (JSONL)
+
+
+class DriftConfig(Section):
+    """Drift checks against the last accepted data version."""
+
+    enabled: bool = True
+    top_items: int = Field(500, ge=1)  # popularity is compared over these + "other"
+    popularity_kl_max: float = Field(0.5, gt=0)
+    events_per_user_kl_max: float = Field(0.5, gt=0)
+
+
+class ValidateConfig(Section):
+    """Stage `validate`: the Great Expectations gates."""
+
+    event_types: list[str] = Field(
+        default_factory=lambda: [
+            "view",
+            "click",
+            "rate",
+            "tag",
+            "comment",
+            "purchase",
+            "cart",
+            "share",
+            "impression",
+        ]
+    )
+    ts_min: str = "1990-01-01T00:00:00+00:00"
+    future_skew_s: float = Field(300.0, ge=0)  # clock skew tolerated before "in the future"
+    rating_min: float = 0.5
+    rating_max: float = 5.0
+    dwell_max_s: float = Field(1800.0, gt=0)
+    max_duplicate_rate: float = Field(0.01, ge=0, le=1)
+    min_rows: int = Field(1, ge=1)
+    row_count_tolerance: float = Field(0.5, ge=0)  # relative change allowed vs last accepted
+    drift: DriftConfig = Field(default_factory=DriftConfig)
+
+
+class WeightsConfig(Section):
+    """Per-event attention weights: event base weight x rating factor x dwell factor."""
+
+    event: dict[str, float] = Field(
+        default_factory=lambda: {
+            "impression": 0.1,
+            "view": 0.5,
+            "click": 1.0,
+            "rate": 1.0,
+            "tag": 1.2,
+            "comment": 1.5,
+            "cart": 1.5,
+            "share": 1.5,
+            "purchase": 2.0,
+        }
+    )
+    default: float = 1.0  # event types missing from `event`
+    rating_scale: bool = True  # multiply `rate` events by value / rating_max
+    rating_max: float = Field(5.0, gt=0)
+    dwell_ref_s: float = Field(60.0, gt=0)  # a dwell this long gives factor 1
+    dwell_min_factor: float = Field(0.5, gt=0)
+    dwell_max_factor: float = Field(2.0, gt=0)
+
+
+class SplitConfig(Section):
+    """Stage `split`: sequences and leave-one-out train / valid / test."""
+
+    event_types: list[str] | None = None  # keep only these events (None: all)
+    repeat_policy: Literal["keep_all", "keep_first", "collapse_consecutive"] = "keep_first"
+    min_user_events: int = Field(5, ge=1)  # k-core on users
+    min_item_events: int = Field(5, ge=1)  # k-core on items
+    min_seq_len: int = Field(3, ge=3)  # leave-one-out needs train + valid + test
+    weights: WeightsConfig = Field(default_factory=WeightsConfig)
+
+
+class Config(Section):
+    """Every section of params.yaml."""
+
+    paths: PathsConfig = Field(default_factory=PathsConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
+    split: SplitConfig = Field(default_factory=SplitConfig)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+    @field_validator("ingest")
+    @classmethod
+    def _dataset_named(cls, v: IngestConfig) -> IngestConfig:
+        if not v.dataset.strip():
+            raise ValueError("ingest.dataset is empty")
+        return v
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], value parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({exc})") from None
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` overrides to a raw params mapping (in place)."""
+    for item in overrides:
+        parts, value = _parse_override(item)
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {'.'.join(parts)}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    problems = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]).replace("validate_", "validate")
+        if err["type"] == "extra_forbidden":
+            problems.append(f"unknown key {key!r}")
+        else:
+            problems.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+    return f"{source}: " + "; ".join(problems)
+
+
+def load_config(path: Path | str | None = None, overrides: list[str] | None = None) -> Config:
+    """Load params.yaml (or defaults if it does not exist), apply overrides, validate."""
+    path = Path(path) if path is not None else DEFAULT_PARAMS
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections")
+        data = loaded or {}
+    apply_overrides(data, overrides or [])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, str(path))) from None
+
+
+def config_to_params(config: Config) -> dict[str, Any]:
+    """The config as a plain mapping, keyed as in params.yaml (for logging to MLflow)."""
+    return config.model_dump(mode="json", by_alias=True)

@@ -1,0 +1,1 @@
+"""BentoML services: thin serving wrappers over `pipelines`."""

@@ -1,0 +1,100 @@
+"""Shared fixtures: an isolated project folder, the data mirror, small datasets."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Make a relative mirror path (as .ci/run sets it) absolute before any test changes folder.
+if os.environ.get("ATTNFLOW_DATA_MIRROR"):
+    os.environ["ATTNFLOW_DATA_MIRROR"] = str(Path(os.environ["ATTNFLOW_DATA_MIRROR"]).resolve())
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Flows run on Prefect's ephemeral API with a throwaway home, never a user's server.
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="attnflow-prefect-"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own download cache, so nothing leaks into ~/.cache."""
+    monkeypatch.setenv("ATTNFLOW_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="session")
+def mirror() -> Path:
+    """The shared data mirror; tests that need real datasets skip without it."""
+    value = os.environ.get("ATTNFLOW_DATA_MIRROR")
+    if not value or not (Path(value) / "SHA256SUMS").exists():
+        pytest.skip("ATTNFLOW_DATA_MIRROR is not set to a data mirror")
+    return Path(value)
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    """A scratch project folder holding params.yaml, made the working directory."""
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def write_params(root: Path, overrides: dict) -> None:
+    """Merge `overrides` (nested mapping) into root/params.yaml."""
+    import yaml
+
+    path = root / "params.yaml"
+    data = yaml.safe_load(path.read_text()) if path.exists() else {}
+
+    def merge(dst: dict, src: dict) -> None:
+        for k, v in src.items():
+            if isinstance(v, dict) and isinstance(dst.get(k), dict):
+                merge(dst[k], v)
+            else:
+                dst[k] = v
+
+    merge(data, overrides)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def copy_repo(dest: Path) -> Path:
+    """A fresh clone's worth of the repository (tracked and new, non-ignored files) in `dest`."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    return dest
+
+
+def venv_env(**extra: str) -> dict[str, str]:
+    """The environment with this interpreter's bin first on PATH (for `dvc`, `attnflow`)."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.update(extra)
+    return env
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Stop Prefect's temporary server while pytest's streams are still open."""
+    if "prefect.server.api.server" in sys.modules:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        for server in list(SubprocessASGIServer._instances.values()):
+            server.stop()

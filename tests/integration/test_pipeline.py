@@ -1,0 +1,88 @@
+"""The data pipeline end to end: `dvc repro` from a fresh clone, and the retrain flow."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import copy_repo, venv_env
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory, mirror) -> Path:
+    return copy_repo(tmp_path_factory.mktemp("clone"))
+
+
+def dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dvc", *args],
+        cwd=cwd,
+        env=venv_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_dvc_repro_from_a_fresh_clone_then_nothing_changes(clone):
+    first = dvc("repro", cwd=clone)
+    assert first.returncode == 0, first.stderr + first.stdout
+    for stage in ("ingest", "validate", "split"):
+        assert f"Running stage '{stage}'" in first.stdout
+    split = json.loads((clone / "reports/split.json").read_text())
+    assert split["dataset"] == "ml-latest-small" and split["n_users"] == 610
+    assert (clone / "gx/uncommitted/data_docs/local_site/index.html").exists()
+    second = dvc("repro", cwd=clone)
+    assert second.returncode == 0
+    assert "Data and pipelines are up to date." in second.stdout
+    assert "Running stage" not in second.stdout
+    assert "up to date" in dvc("status", cwd=clone).stdout
+
+
+def test_retrain_flow_runs_the_dvc_dag_and_retries_a_held_lock(clone):
+    """The flow runs only what changed, and survives another process holding the DVC lock."""
+    from dvc.lock import Lock
+
+    from flows.retrain import retrain
+
+    assert dvc("repro", cwd=clone).returncode == 0
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["split"]["min_seq_len"] = 4
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    retrain(root=str(clone), stages=[])  # start Prefect's temporary API before taking the lock
+    lock = Lock(str(clone / ".dvc" / "tmp" / "lock"))
+    lock.lock()
+    threading.Timer(8.0, lock.unlock).start()  # DVC gives up after 3 s: the first try fails
+    started = time.monotonic()
+    result = retrain(root=str(clone))
+    by_stage = {s["stage"]: s for s in result["stages"]}
+    assert [s["stage"] for s in result["stages"]] == ["ingest", "validate", "split"]
+    assert by_stage["ingest"]["attempts"] == 2  # failed on the lock, retried
+    assert not by_stage["ingest"]["ran"] and not by_stage["validate"]["ran"]
+    assert by_stage["split"]["ran"] and by_stage["split"]["attempts"] == 1
+    assert time.monotonic() - started > 5
+    assert json.loads((clone / "reports/split.json").read_text())["n_users"] <= 610
+
+
+def test_retrain_flow_stops_on_rejected_data(clone):
+    """Validation failure is not retried, and split does not run on rejected data."""
+    from flows.retrain import retrain
+    from pipelines.errors import ValidationFailed
+
+    assert dvc("repro", cwd=clone).returncode == 0
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["validate"]["rating_max"] = 4.0  # every 4.5 and 5.0 rating is now out of range
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    before = (clone / "reports/split.json").read_text()
+    with pytest.raises(ValidationFailed, match=r"expect_column_values_to_be_between\(value\)"):
+        retrain(root=str(clone))
+    assert (clone / "reports/split.json").read_text() == before
+    assert "validate" in dvc("status", cwd=clone).stdout  # still out of date: not accepted
