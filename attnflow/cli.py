@@ -140,6 +140,46 @@ def split(set_: SetOpt = None, params: ParamsOpt = Path("params.yaml")) -> None:
 
 
 @app.command()
+def train(set_: SetOpt = None, params: ParamsOpt = Path("params.yaml")) -> None:
+    """Train the attention-flow Transformer on data/split; track it in MLflow."""
+    from pipelines import train as stage
+
+    with user_errors():
+        cfg = _config(params, set_)
+        m = stage.run(cfg, Path("."), progress=True)
+    if m.get("model_uri") is None:  # a non-zero rank under torchrun
+        return
+    typer.echo(
+        f"trained: best {m['early_stop_metric']} {m['best_metric']:.4f} at epoch "
+        f"{m['best_epoch']} ({m['epochs_run']} epochs, {m['train_seconds']:.0f}s, "
+        f"{m['sequences_per_s']:.0f} sequences/s on {m['device']})"
+    )
+    typer.echo(f"model: {cfg.paths.model_dir}/  MLflow run: {m['mlflow_run_id']}")
+
+
+@app.command()
+def evaluate(set_: SetOpt = None, params: ParamsOpt = Path("params.yaml")) -> None:
+    """Evaluate the trained model and the baselines on the test split."""
+    from pipelines import evaluate as stage
+
+    r = _run_stage("evaluating", stage.run, params, set_)
+    full, sampled = r["model"]["full"], r["model"]["sampled"]
+    typer.echo(
+        f"test (full ranking): NDCG@10 {full['ndcg@10']:.4f}  HR@10 {full['hr@10']:.4f}  "
+        f"MRR {full['mrr']:.4f}"
+    )
+    typer.echo(
+        f"test (100 sampled negatives): NDCG@10 {sampled['ndcg@10']:.4f}  "
+        f"HR@10 {sampled['hr@10']:.4f}"
+    )
+    for name, res in r["baselines"].items():
+        typer.echo(
+            f"  baseline {name:<13} full NDCG@10 {res['full']['ndcg@10']:.4f}  "
+            f"HR@10 {res['full']['hr@10']:.4f}"
+        )
+
+
+@app.command()
 def retrain(
     stages: Annotated[
         list[str] | None, typer.Option("--stage", help="Run only these dvc.yaml stages.")

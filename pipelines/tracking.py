@@ -1,0 +1,271 @@
+"""MLflow tracking: one run per training, with lineage, curves, plots and the model.
+
+The tracking URI is `MLFLOW_TRACKING_URI` (a server, for example from `attnflow up`)
+or, by default, a SQLite file in `.attnflow/` with artifacts beside it. MLflow's
+active run is thread-local, so everything here passes `run_id` explicitly and uses
+`MlflowClient`; the only active-run block is the one `log_model` needs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pipelines.config import Config
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "attnflow"
+ARTIFACTS_ENV = "ATTNFLOW_MLFLOW_ARTIFACTS"
+
+
+def tracking_uri(root: Path = Path(".")) -> str:
+    """`MLFLOW_TRACKING_URI`, or the local SQLite store under `<root>/.attnflow/`."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    db = (Path(root) / ".attnflow" / "mlflow.db").resolve()
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db}"
+
+
+def client(root: Path = Path(".")):
+    """An MlflowClient on this project's tracking URI."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri(root))
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri(root))
+
+
+def experiment_id(mlc, root: Path = Path(".")) -> str:
+    """The attnflow experiment, created on first use (local artifacts for a local store)."""
+    exp = mlc.get_experiment_by_name(EXPERIMENT)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if not tracking_uri(root).startswith(("http://", "https://")):
+        location = os.environ.get(ARTIFACTS_ENV) or (
+            (Path(root) / ".attnflow" / "mlartifacts").resolve().as_uri()
+        )
+    return mlc.create_experiment(EXPERIMENT, artifact_location=location)
+
+
+def git_commit(root: Path) -> tuple[str, bool]:
+    """(commit, dirty) of the working tree, or ("unknown", False) outside git."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = (
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=root,
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+            != ""
+        )
+        return sha, dirty
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return "unknown", False
+
+
+def _flatten(prefix: str, obj: Any, out: dict[str, str]) -> None:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = json.dumps(obj) if isinstance(obj, list | tuple) else str(obj)
+
+
+def run_params(cfg: Config) -> dict[str, str]:
+    """The params a training run depends on, flattened (`model.hidden`, ...)."""
+    params: dict[str, str] = {}
+    dumped = cfg.model_dump(mode="json", by_alias=True)
+    for section in ("ingest", "split", "model", "train"):
+        section_dump = dumped[section]
+        if section == "ingest":
+            section_dump = {"dataset": section_dump["dataset"]}
+        _flatten(section, section_dump, params)
+    return params
+
+
+def start_training_run(cfg: Config, root: Path, lineage: dict[str, Any]) -> str:
+    """Create the run for a training, with params and lineage tags; returns its id."""
+    from mlflow.entities import Param
+
+    mlc = client(root)
+    tags = {
+        "attnflow.dataset": cfg.ingest.dataset,
+        "git_commit": lineage["git_commit"],
+        "git_dirty": str(lineage["git_dirty"]).lower(),
+        "dvc_data_hash": lineage.get("dvc_data_hash") or "unknown",
+        "data_sha256": lineage["data_sha256"],
+        "attnflow.objective": cfg.model.objective,
+        "attnflow.text": cfg.model.text.mode,
+    }
+    run = mlc.create_run(
+        experiment_id(mlc, root), tags=tags, run_name=f"{cfg.ingest.dataset}-{cfg.model.objective}"
+    )
+    params = [Param(k, v[:6000]) for k, v in run_params(cfg).items()]
+    for i in range(0, len(params), 100):
+        mlc.log_batch(run.info.run_id, params=params[i : i + 100])
+    return run.info.run_id
+
+
+def log_epoch(root: Path, run_id: str, epoch: int, row: dict[str, float]) -> None:
+    """Per-epoch metrics (loss, validation metrics, cumulative training seconds)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(k.replace("@", "_at_"), float(v), now, epoch) for k, v in row.items() if k != "epoch"
+    ]
+    client(root).log_batch(run_id, metrics=metrics)
+
+
+def _log_dict_metrics(mlc, run_id: str, prefix: str, metrics: dict[str, float]) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    rows = [
+        Metric(f"{prefix}{k}".replace("@", "_at_"), float(v), now, 0) for k, v in metrics.items()
+    ]
+    if rows:
+        mlc.log_batch(run_id, metrics=rows)
+
+
+def log_trained_model(
+    root: Path, run_id: str, model_dir: Path, history: list[dict], summary: dict[str, Any]
+) -> str:
+    """Curves, the training summary and the model (pyfunc, models-from-code); returns its URI."""
+    import mlflow
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    from pipelines import plots
+    from pipelines.inference import ServedModel
+
+    mlc = client(root)
+    with tempfile.TemporaryDirectory() as tmp:
+        curves = plots.training_curves(history, Path(tmp) / "training_curves.png")
+        mlc.log_artifact(run_id, str(curves), "plots")
+        (Path(tmp) / "train.json").write_text(json.dumps(summary, indent=2, default=str))
+        mlc.log_artifact(run_id, str(Path(tmp) / "train.json"))
+    _log_dict_metrics(
+        mlc,
+        run_id,
+        "",
+        {
+            "best_valid_metric": summary["best_metric"],
+            "train_seconds": summary["train_seconds"],
+            "sequences_per_s": summary["sequences_per_s"],
+            "epochs_run": summary["epochs_run"],
+        },
+    )
+    served = ServedModel.load(model_dir)
+    example_history = " ".join(served.item_ids[1:4])
+    example = pd.DataFrame({"history": [example_history], "k": [5]})
+    signature = ModelSignature(
+        inputs=Schema(
+            [
+                ColSpec("string", "history", required=False),
+                ColSpec("string", "user_id", required=False),
+                ColSpec("long", "k", required=False),
+            ]
+        ),
+        outputs=Schema([ColSpec("string", "items"), ColSpec("string", "scores")]),
+    )
+    code = Path(__file__).with_name("mlflow_model.py")
+    mlflow.set_tracking_uri(tracking_uri(root))
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(code),
+            artifacts={"model_dir": str(model_dir)},
+            signature=signature,
+            input_example=example,
+            pip_requirements=_requirements(),
+        )
+    return info.model_uri
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    pkgs = ["torch", "transformers", "safetensors", "numpy", "pandas", "mlflow", "pydantic"]
+    return [f"{p}=={version(p)}" for p in pkgs] + ["attnflow"]
+
+
+def log_evaluation(cfg: Config, root: Path, report: dict[str, Any], recommender, data) -> None:
+    """Test metrics, baselines, segments and attention heatmaps, into the model's run."""
+    from pipelines import plots
+    from pipelines.model import load_extra
+
+    model_dir = root / cfg.paths.model_dir
+    lineage = load_extra(model_dir, "lineage") if (model_dir / "lineage.json").exists() else {}
+    run_id = lineage.get("mlflow_run_id")
+    if not run_id:
+        log.warning("model has no MLflow run id; evaluation not logged to MLflow")
+        return
+    mlc = client(root)
+    _log_dict_metrics(mlc, run_id, "test_", report["model"]["full"])
+    _log_dict_metrics(mlc, run_id, "test_sampled_", report["model"]["sampled"])
+    for name, res in report["baselines"].items():
+        _log_dict_metrics(
+            mlc,
+            run_id,
+            f"baseline_{name}_",
+            {k: v for k, v in res["full"].items() if k in ("ndcg@10", "hr@10")},
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        (t / "evaluation.json").write_text(json.dumps(report, indent=2))
+        mlc.log_artifact(run_id, str(t / "evaluation.json"))
+        mlc.log_artifact(
+            run_id, str(plots.segment_bars(report["segments"], t / "segments.png")), "plots"
+        )
+        rows = attention_rows(recommender, data, cfg.evaluate.heatmap_users)
+        if rows:
+            mlc.log_artifact(
+                run_id, str(plots.attention_heatmap(rows, t / "attention.png")), "plots"
+            )
+
+
+def attention_rows(recommender, data, n_users: int) -> list[dict[str, Any]]:
+    """Attention over the latest history of a few users with the longest histories."""
+    import numpy as np
+
+    from pipelines.sequences import history_batch
+
+    spec = recommender.spec
+    cfg = spec.config
+    seqs = data.history_test
+    users = np.argsort(-seqs.lengths(), kind="stable")[:n_users]
+    mask = spec.mask_token if cfg.objective == "masked" else None
+    batch = history_batch(seqs, users, min(cfg.max_len, 20), cfg.weight_buckets, mask)
+    attn = recommender.explain(batch)
+    titles = data.items.set_index("item_idx")["title"]
+    rows = []
+    for b, u in enumerate(users):
+        n = int(batch.lengths[b])
+        items = batch.items[b, :n].tolist()
+        rows.append(
+            {
+                "user_id": str(data.users["user_id"].iloc[int(u)]),
+                "attention": attn[b, :n].tolist(),
+                "titles": [titles.get(i, "[mask]") or str(i) for i in items],
+            }
+        )
+    return rows

@@ -1,0 +1,110 @@
+"""The train and evaluate stages: MLflow run, lineage, artifacts, and a pickle-free model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipelines import evaluate, train
+from pipelines.inference import ServedModel
+from pipelines.model import ModelCorrupted, load_model
+from tests.model.conftest import small_config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, synth_split):
+    root = tmp_path_factory.mktemp("project")
+    shutil.copytree(synth_split, root / "data" / "split")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    mp.setenv("ATTNFLOW_MLFLOW_ARTIFACTS", (root / "artifacts").as_uri())
+    cfg = small_config(**{"train.epochs": 3, "ingest.dataset": "synthetic"})
+    summary = train.run(cfg, root)
+    report = evaluate.run(cfg, root)
+    yield root, cfg, summary, report
+    mp.undo()
+
+
+def test_train_stage_writes_model_reports_and_one_mlflow_run(trained):
+    from mlflow import MlflowClient
+
+    root, _cfg, summary, _ = trained
+    assert (root / "models/attnflow/weights.safetensors").exists()
+    assert json.loads((root / "reports/train.json").read_text())["epochs_run"] == 3
+    assert len(pd.read_csv(root / "reports/train_curve.csv")) == 3
+    client = MlflowClient()
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.params["model.hidden"] == "32"
+    assert run.data.params["train.epochs"] == "3"
+    assert run.data.params["ingest.dataset"] == "synthetic"
+    for tag in ("git_commit", "dvc_data_hash", "data_sha256"):
+        assert tag in run.data.tags
+    assert len(run.data.tags["data_sha256"]) == 64
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
+    assert len(client.get_metric_history(run.info.run_id, "valid_ndcg_at_10")) == 3
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"plots", "train.json", "evaluation.json"} <= arts
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/training_curves.png", "plots/segments.png", "plots/attention.png"} <= plots
+    assert run.data.metrics["test_ndcg_at_10"] > 0
+    assert "baseline_most_popular_ndcg_at_10" in run.data.metrics
+
+
+def test_mlflow_model_is_code_plus_safetensors_and_loads_without_pickle(trained):
+    import mlflow
+
+    _, _, summary, _ = trained
+    local = Path(mlflow.artifacts.download_artifacts(summary["model_uri"]))
+    files = {p.name for p in local.rglob("*") if p.is_file()}
+    assert "mlflow_model.py" in files and "weights.safetensors" in files and "spec.json" in files
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".bin"))]
+    mlmodel = (local / "MLmodel").read_text()
+    assert "loader_module: mlflow.pyfunc.loaders.code_model" in mlmodel
+    model = mlflow.pyfunc.load_model(summary["model_uri"])
+    sig = model.metadata.get_input_schema().input_names()
+    assert set(sig) == {"history", "user_id", "k"}
+    out = model.predict(pd.DataFrame({"history": ["i1 i2 i3"], "k": [5]}))
+    assert len(out["items"][0].split()) == 5
+
+
+def test_evaluation_report_has_both_protocols_segments_and_baselines(trained):
+    root, _, _, report = trained
+    on_disk = json.loads((root / "reports/evaluate.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    for proto in ("full", "sampled"):
+        assert 0 < report["model"][proto]["ndcg@10"] <= 1
+    assert report["model"]["sampled"]["ndcg@10"] >= report["model"]["full"]["ndcg@10"]
+    assert set(report["baselines"]) == {"most_popular", "item_knn", "markov"}
+    assert any(k.startswith("history") for k in report["segments"])
+    assert (
+        report["model"]["full"]["ndcg@10"] > report["baselines"]["most_popular"]["full"]["ndcg@10"]
+    )
+
+
+def test_model_is_rebuilt_from_its_own_spec(trained, monkeypatch):
+    root, _, _, _ = trained
+    folder = root / "models/attnflow"
+    spec = json.loads((folder / "spec.json").read_text())
+    assert spec["model"]["hidden"] == 32  # not the code default (64)
+    enc = load_model(folder)
+    assert enc.item_emb.weight.shape[1] == 32
+    served = ServedModel.load(folder)
+    user = next(iter(served.user_index))
+    rec = served.recommend(user_id=user, k=5, explain=True)
+    assert len(rec.items) == 5 and rec.explanation
+
+
+def test_flipped_bytes_in_the_weights_are_refused(trained, tmp_path):
+    root, _, _, _ = trained
+    copy = tmp_path / "model"
+    shutil.copytree(root / "models/attnflow", copy)
+    weights = copy / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelCorrupted, match=r"weights\.safetensors does not match"):
+        load_model(copy)
