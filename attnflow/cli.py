@@ -180,6 +180,49 @@ def evaluate(set_: SetOpt = None, params: ParamsOpt = Path("params.yaml")) -> No
 
 
 @app.command()
+def register() -> None:
+    """Register the trained model, run the offline gates, set `challenger` (or `champion`)."""
+    from pipelines.registry import register_candidate
+
+    with user_errors():
+        cfg = _config(Path("params.yaml"), None)
+        with spinner("registering and gating..."):
+            out = register_candidate(cfg, Path("."))
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in out["gates"]["metrics"].items())
+    typer.echo(f"version {out['version']} passed its gates ({metrics}) -> alias {out['alias']}")
+
+
+@app.command()
+def history() -> None:
+    """Every alias move attnflow made: when, which alias, from which version to which."""
+    from datetime import UTC, datetime
+
+    from pipelines.registry import read_history
+
+    moves = read_history(Path("."))
+    if not moves:
+        typer.echo("no alias moves recorded yet")
+    for m in moves:
+        when = datetime.fromtimestamp(m.ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        to = f"v{m.version}" if m.version else "(removed)"
+        was = f"v{m.previous}" if m.previous else "-"
+        typer.echo(f"{when}  {m.alias:<18} {was:>5} -> {to:<9} {m.actor}: {m.reason}")
+
+
+@app.command()
+def aliases() -> None:
+    """The registered model's aliases now."""
+    from pipelines.registry import aliases as current
+    from pipelines.registry import model_name
+
+    now = current(root=Path("."))
+    typer.echo(
+        f"{model_name()}: "
+        + (", ".join(f"{a}=v{v}" for a, v in sorted(now.items())) or "no aliases")
+    )
+
+
+@app.command()
 def retrain(
     stages: Annotated[
         list[str] | None, typer.Option("--stage", help="Run only these dvc.yaml stages.")

@@ -205,6 +205,7 @@ class ModelConfig(Section):
     attention_weights: bool = True  # bucketed per-event attention weight
     weight_buckets: int = Field(8, ge=2)
     mask_prob: float = Field(0.2, gt=0, lt=1)  # masked objective only
+    item_bias: bool = False  # a learned per-item bias added to the tied output scores
     text: TextConfig = Field(default_factory=TextConfig)
 
 
@@ -231,6 +232,8 @@ class TrainConfig(Section):
     loss: Literal["full", "sampled"] = "full"  # full softmax CE | sampled softmax
     negatives: int = Field(1024, ge=1)  # sampled loss: shared uniform negatives per batch
     weight_loss: bool = False  # weight each target by its attention weight
+    # each epoch, long sequences contribute a random window instead of their latest one
+    random_windows: bool = False
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     adversarial_eps: float = Field(0.0, ge=0)  # FGM on the item embeddings; 0 disables
     eval_every: int = Field(1, ge=1)  # epochs between validation runs
@@ -258,6 +261,53 @@ class EvaluateConfig(Section):
     heatmap_users: int = Field(4, ge=1)
 
 
+class GatesConfig(Section):
+    """Offline gates a candidate passes before it may become `challenger`."""
+
+    metric: str = "ndcg@10"  # full-ranking test metric the gates compare
+    max_drop_vs_champion: float = Field(0.01, ge=0)  # relative: 0.01 = at most 1% below
+    min_lift_vs_baseline: float = Field(0.0, ge=0)  # relative lift over the best required baseline
+    baselines: list[Literal["most_popular", "item_knn", "markov"]] = Field(
+        default_factory=lambda: ["most_popular"]
+    )
+    smoke_requests: int = Field(20, ge=1)  # recommendations a candidate must answer sanely
+
+
+class ServeConfig(Section):
+    """BentoML model services and the canary gateway (all on 127.0.0.1 by default)."""
+
+    host: str = "127.0.0.1"
+    gateway_port: int = Field(8080, ge=1, le=65535)
+    champion_port: int = Field(3000, ge=1, le=65535)
+    challenger_port: int = Field(3001, ge=1, le=65535)
+    max_history: int = Field(200, ge=1)  # longer explicit histories are refused (422)
+    max_k: int = Field(100, ge=1)
+    max_batch_size: int = Field(64, ge=1)  # adaptive batching
+    max_latency_ms: int = Field(50, ge=1)
+    feedback_log: Path = Path("data/feedback/events.jsonl")
+    health_interval_s: float = Field(0.5, gt=0)  # gateway readiness probes
+    upstream_timeout_s: float = Field(2.0, gt=0)
+    max_body_bytes: int = Field(1_000_000, ge=1024)  # larger request bodies are refused (413)
+    max_feedback_events: int = Field(1000, ge=1)  # events in one /feedback request
+    torch_threads: int = Field(1, ge=1)  # per model service; requests are batched, not threaded
+    canary_salt: str = "attnflow"  # sticky assignment: hash(salt + user_id) picks the variant
+
+
+class RolloutConfig(Section):
+    """Canary steps and the live checks at each step."""
+
+    steps: list[int] = Field(default_factory=lambda: [10, 25, 50, 100])  # challenger weight, %
+    bake_s: float = Field(30.0, ge=0)  # time at each step before its checks
+    min_requests: int = Field(20, ge=0)  # challenger requests a step needs before judging it
+    max_error_rate: float = Field(0.01, ge=0, le=1)
+    max_p99_ratio: float = Field(1.5, gt=0)  # challenger p99 vs champion p99
+    p99_slack_ms: float = Field(10.0, ge=0)  # absolute slack on top of the ratio
+    replay_requests: int = Field(50, ge=1)  # requests replayed to both for agreement
+    min_agreement: float = Field(0.2, ge=0, le=1)  # mean overlap@k with the champion
+    min_feedback: int = Field(200, ge=0)  # impressions per variant before CTR is judged
+    min_ctr_ratio: float = Field(0.8, ge=0)  # challenger CTR vs champion CTR
+
+
 class Config(Section):
     """Every section of params.yaml."""
 
@@ -268,6 +318,9 @@ class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    gates: GatesConfig = Field(default_factory=GatesConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
 

@@ -158,6 +158,7 @@ class AttnFlowEncoder(nn.Module):
             self.register_buffer("text_table", torch.zeros(spec.n_catalog + 2, TEXT_DIM))
             self.text_proj = nn.Linear(TEXT_DIM, d)
             self.gate = nn.Linear(2 * d, d)
+        self.item_bias = nn.Parameter(torch.zeros(spec.n_catalog + 2)) if cfg.item_bias else None
         self.dropout = nn.Dropout(cfg.dropout)
         self.backbone = _build_backbone(spec)
         # Items enter through inputs_embeds: the backbone's own token table is never used.
@@ -181,6 +182,12 @@ class AttnFlowEncoder(nn.Module):
         fused = g * ids + (1 - g) * text
         known = self.known if idx is None else self.known[idx]
         return torch.where(known.unsqueeze(-1), fused, text)
+
+    def bias(self, idx: torch.Tensor | None = None) -> torch.Tensor | float:
+        """Per-item output bias for `idx` (or every item); 0 when the model has none."""
+        if self.item_bias is None:
+            return 0.0
+        return self.item_bias if idx is None else self.item_bias[idx]
 
     def forward(
         self, batch: Batch, text_table: torch.Tensor | None = None, output_attentions: bool = False
@@ -242,12 +249,13 @@ def softmax_loss(
     n_items = encoder.spec.n_items
     if loss == "full":
         table = encoder.item_vectors(text_table=text_table)[1 : n_items + 1]  # (n_items, d)
-        logits = h @ table.T  # (N, n_items)
+        bias = encoder.bias()
+        logits = h @ table.T + (bias[1 : n_items + 1] if torch.is_tensor(bias) else 0.0)
         labels = t - 1
     else:
         neg = torch.randint(1, n_items + 1, (negatives,), generator=generator).to(h.device)
-        pos = (h * encoder.item_vectors(t, text_table)).sum(-1)  # (N,)
-        neg_logits = h @ encoder.item_vectors(neg, text_table).T  # (N, K)
+        pos = (h * encoder.item_vectors(t, text_table)).sum(-1) + encoder.bias(t)  # (N,)
+        neg_logits = h @ encoder.item_vectors(neg, text_table).T + encoder.bias(neg)  # (N, K)
         neg_logits = neg_logits.masked_fill(neg.unsqueeze(0) == t.unsqueeze(1), float("-inf"))
         logits = torch.cat([pos.unsqueeze(1), neg_logits], dim=1)
         labels = torch.zeros(len(t), dtype=torch.long, device=h.device)
@@ -291,6 +299,9 @@ class Recommender:
         """(B, n + 1) scores of every known item (or every catalog item); column 0 is -inf."""
         n = self.spec.n_catalog if catalog else self.spec.n_items
         scores = self.query(batch) @ self.item_table()[: n + 1].T
+        bias = self.encoder.bias()
+        if torch.is_tensor(bias):
+            scores = scores + bias[: n + 1]
         scores[:, 0] = float("-inf")
         return scores.float()
 

@@ -184,11 +184,13 @@ def history_batch(
     max_len: int,
     weight_buckets_n: int,
     append_mask: int | None = None,
+    weights_bucketed: bool = False,
 ) -> Batch:
     """The last `max_len` events of each user's history (for scoring the next item).
 
     With `append_mask` (the mask token), a masked slot is appended after the history:
-    the masked objective predicts the item at that slot.
+    the masked objective predicts the item at that slot. `weights_bucketed` says the
+    sequences already hold weight buckets rather than raw attention weights.
     """
     keep = max_len - 1 if append_mask is not None else max_len
     cols: dict[str, list[np.ndarray]] = {"items": [], "gaps": [], "events": [], "weights": []}
@@ -198,7 +200,11 @@ def history_batch(
         part = slice(start, sl.stop)
         items = seqs.items[part]
         gaps, events = seqs.gaps[part], seqs.events[part]
-        wts = weight_buckets(seqs.weights[part], weight_buckets_n)
+        wts = (
+            np.clip(seqs.weights[part], 0, weight_buckets_n).astype(np.int64)
+            if weights_bucketed
+            else weight_buckets(seqs.weights[part], weight_buckets_n)
+        )
         if append_mask is not None:
             items = np.append(items, append_mask)
             gaps, events, wts = np.append(gaps, 0), np.append(events, 0), np.append(wts, 0)
@@ -254,12 +260,15 @@ def train_batch(
     rng: np.random.Generator,
     aug: AugmentConfig | None = None,
     mask_prob: float = 0.2,
+    random_windows: bool = False,
 ) -> Batch:
     """Training inputs and targets for `users`.
 
     causal: inputs seq[:-1], targets seq[1:] (every position predicts the next item).
     masked: a random `mask_prob` of positions (at least one, and the last with
     probability one half) replaced by the mask token; targets only at masked positions.
+    With `random_windows`, a sequence longer than the window contributes a random
+    window of itself rather than its latest one.
     """
     rows: dict[str, list[np.ndarray]] = {
         k: [] for k in ("items", "gaps", "events", "weights", "targets", "tw")
@@ -267,7 +276,10 @@ def train_batch(
     for u in users:
         sl = seqs.user(int(u))
         window = max_len + 1 if objective == "causal" else max_len
-        idx = np.arange(max(sl.start, sl.stop - window), sl.stop)
+        stop = sl.stop
+        if random_windows and sl.stop - sl.start > window:
+            stop = int(rng.integers(sl.start + window, sl.stop + 1))
+        idx = np.arange(max(sl.start, stop - window), stop)
         inputs = seqs.items[idx]
         if aug is not None:
             idx, inputs = _augment(idx, aug, rng, mask_token, seqs.items)

@@ -384,6 +384,7 @@ def train_model(
                 aug_rng,
                 aug if use_aug else None,
                 mcfg.mask_prob,
+                tcfg.random_windows,
             ).to(device)
             text_table = (
                 lora.table_for(torch.cat([batch.items.flatten(), batch.targets.flatten()]), neg_gen)
@@ -472,6 +473,9 @@ class _DDPEncoderView:
 
     def item_vectors(self, idx=None, text_table=None):
         return self._encoder.item_vectors(idx, text_table)
+
+    def bias(self, idx=None):
+        return self._encoder.bias(idx)
 
 
 def _fgm_step(model, encoder, batch, tcfg, gen, text_table, autocast) -> None:
@@ -617,10 +621,10 @@ def run(cfg: Config, root: Path = Path("."), progress: bool = False) -> dict[str
     lineage["train"] = summary
     model_dir = root / cfg.paths.model_dir
     export_model(result.encoder, data, model_dir, lineage)
+    summary["model_uri"] = log_trained_model(root, run_id, model_dir, result.history, summary)
     reports = root / cfg.paths.reports_dir
     write_json(summary, reports / "train.json")
     _write_curve(result.history, reports / "train_curve.csv")
-    summary["model_uri"] = log_trained_model(root, run_id, model_dir, result.history, summary)
     import shutil
 
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: nothing left to resume

@@ -1,0 +1,331 @@
+"""The MLflow model registry: versions with lineage, aliases, and their history.
+
+One registered model (`attnflow`, or `ATTNFLOW_MODEL_NAME`) holds every trained
+version. Aliases say what is served: `champion` (all traffic) and `challenger` (the
+candidate in a canary). Every alias move made through attnflow is appended to an
+alias history (JSON lines in the state folder) that `attnflow history` prints,
+because MLflow keeps only the current alias, not who held it before.
+
+A model is fetched by URI (`models:/attnflow@champion`, `models:/attnflow/3`) or as a
+local folder; an alias is resolved to a pinned version once, at fetch time, so a
+service keeps serving the version it started with even if the alias moves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pipelines.errors import AttnflowError
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME_ENV = "ATTNFLOW_MODEL_NAME"
+STATE_ENV = "ATTNFLOW_STATE_DIR"
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+PREVIOUS = "previous-champion"
+_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w.-]+)|/(?P<version>\d+))$")
+
+
+class RegistryError(AttnflowError):
+    """The registry cannot do what was asked (unknown alias, version, bad URI)."""
+
+
+def model_name() -> str:
+    """The registered model's name."""
+    return os.environ.get(MODEL_NAME_ENV, "attnflow")
+
+
+def state_dir(root: Path = Path(".")) -> Path:
+    """Where attnflow keeps run state (`ATTNFLOW_STATE_DIR`, default `<root>/.attnflow`)."""
+    path = Path(os.environ.get(STATE_ENV) or Path(root) / ".attnflow")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@dataclass
+class FetchedModel:
+    """A model version materialised as a local folder."""
+
+    folder: Path
+    name: str | None = None
+    version: str | None = None
+    alias: str | None = None
+    run_id: str | None = None
+
+
+def _client(root: Path = Path(".")):
+    from pipelines.tracking import client
+
+    return client(root)
+
+
+def resolve(uri: str, root: Path = Path(".")) -> tuple[str, str, str | None]:
+    """`models:/name@alias` or `models:/name/version` -> (name, version, alias)."""
+    m = _URI.match(uri.strip())
+    if not m:
+        raise RegistryError(f"{uri!r} is not models:/<name>@<alias> or models:/<name>/<version>")
+    name, alias, version = m.group("name"), m.group("alias"), m.group("version")
+    mlc = _client(root)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if alias:
+            mv = mlc.get_model_version_by_alias(name, alias)
+        else:
+            mv = mlc.get_model_version(name, version)
+    except MlflowException as exc:
+        raise RegistryError(f"{uri}: {exc.message.splitlines()[0]}") from None
+    return name, str(mv.version), alias
+
+
+def fetch_model(
+    source: str | Path, root: Path = Path("."), dest: Path | None = None
+) -> FetchedModel:
+    """A local folder for `source`: a model folder as is, or a registry URI downloaded.
+
+    The folder is the attnflow model (spec.json, weights.safetensors, ...), ready for
+    `pipelines.inference.ServedModel.load`; nothing in it is unpickled.
+    """
+    source = str(source)
+    if not source.startswith("models:/"):
+        folder = Path(source)
+        if not (folder / "spec.json").exists():
+            raise RegistryError(f"{folder} is not an attnflow model folder (no spec.json)")
+        return FetchedModel(folder=folder)
+    name, version, alias = resolve(source, root)
+    mlc = _client(root)
+    mv = mlc.get_model_version(name, version)
+    import mlflow
+
+    target = Path(dest) if dest else state_dir(root) / "models" / f"{name}-v{version}"
+    marker = target / ".complete"
+    if not marker.exists():
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{name}/{version}",
+                dst_path=str(tmp),
+                tracking_uri=mlc._tracking_client.tracking_uri,
+            )
+        )
+        folder = next(p.parent for p in local.rglob("spec.json"))
+        import shutil
+
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.move(str(folder), str(target))
+        shutil.rmtree(tmp, ignore_errors=True)
+        marker.write_text(json.dumps({"name": name, "version": version}))
+    return FetchedModel(folder=target, name=name, version=version, alias=alias, run_id=mv.run_id)
+
+
+# --- alias history -------------------------------------------------------------------------
+
+
+@dataclass
+class AliasMove:
+    """One alias change: which version the alias left and which it now points to."""
+
+    ts: float
+    alias: str
+    version: str | None  # None: the alias was removed
+    previous: str | None
+    actor: str
+    reason: str = ""
+
+
+def history_path(root: Path = Path(".")) -> Path:
+    return state_dir(root) / "alias_history.jsonl"
+
+
+def record_move(move: AliasMove, root: Path = Path(".")) -> None:
+    """Append one alias move to the history (one JSON object per line, fsynced)."""
+    path = history_path(root)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(asdict(move)) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_history(root: Path = Path(".")) -> list[AliasMove]:
+    """Every recorded alias move, oldest first (a torn last line is skipped)."""
+    path = history_path(root)
+    if not path.exists():
+        return []
+    moves = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            moves.append(AliasMove(**json.loads(line)))
+        except (json.JSONDecodeError, TypeError):
+            log.warning("skipping an unreadable line of %s", path)
+    return moves
+
+
+def get_alias(alias: str, name: str | None = None, root: Path = Path(".")) -> str | None:
+    """The version an alias points to, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(_client(root).get_model_version_by_alias(name or model_name(), alias).version)
+    except MlflowException:
+        return None
+
+
+def set_alias(
+    alias: str,
+    version: str | None,
+    actor: str,
+    reason: str = "",
+    name: str | None = None,
+    root: Path = Path("."),
+) -> AliasMove:
+    """Point `alias` at `version` (None removes it) and record the move."""
+    name = name or model_name()
+    mlc = _client(root)
+    previous = get_alias(alias, name, root)
+    if version is None:
+        if previous is not None:
+            mlc.delete_registered_model_alias(name, alias)
+    else:
+        mlc.set_registered_model_alias(name, alias, str(version))
+    move = AliasMove(
+        ts=time.time(),
+        alias=alias,
+        version=None if version is None else str(version),
+        previous=previous,
+        actor=actor,
+        reason=reason,
+    )
+    record_move(move, root)
+    return move
+
+
+def aliases(name: str | None = None, root: Path = Path(".")) -> dict[str, str]:
+    """Current aliases of the registered model: {alias: version}."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        rm = _client(root).get_registered_model(name or model_name())
+    except MlflowException:
+        return {}
+    return {a: str(v) for a, v in (rm.aliases or {}).items()}
+
+
+def register(
+    model_uri: str,
+    run_id: str,
+    tags: dict[str, Any],
+    root: Path = Path("."),
+    name: str | None = None,
+) -> str:
+    """Register a logged model as a new version with lineage tags; returns the version."""
+    name = name or model_name()
+    mlc = _client(root)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlc.get_registered_model(name)
+    except MlflowException:
+        mlc.create_registered_model(name, description="attnflow attention-flow Transformer")
+    mv = mlc.create_model_version(
+        name, model_uri, run_id=run_id, tags={k: str(v)[:5000] for k, v in tags.items()}
+    )
+    return str(mv.version)
+
+
+def tag_version(
+    version: str, tags: dict[str, Any], name: str | None = None, root: Path = Path(".")
+) -> None:
+    """Set tags on a model version (gate results, rollout outcome)."""
+    mlc = _client(root)
+    for k, v in tags.items():
+        mlc.set_model_version_tag(name or model_name(), str(version), k, str(v)[:5000])
+
+
+# --- the register stage --------------------------------------------------------------------
+
+
+def lineage_tags(lineage: dict[str, Any], evaluation: dict[str, Any] | None) -> dict[str, str]:
+    """Tags every version carries: code, data, params digest and test metrics."""
+    import hashlib
+
+    params = json.dumps(lineage.get("params", {}), sort_keys=True)
+    tags = {
+        "git_commit": lineage.get("git_commit", "unknown"),
+        "git_dirty": str(lineage.get("git_dirty", False)).lower(),
+        "dvc_data_hash": lineage.get("dvc_data_hash") or "unknown",
+        "data_sha256": lineage.get("data_sha256", "unknown"),
+        "dataset": lineage.get("dataset", "unknown"),
+        "params_sha256": hashlib.sha256(params.encode()).hexdigest(),
+        "mlflow_run_id": lineage.get("mlflow_run_id", ""),
+    }
+    for key in ("hidden", "layers", "objective", "max_len"):
+        value = lineage.get("params", {}).get("model", {}).get(key)
+        if value is not None:
+            tags[f"param.model.{key}"] = str(value)
+    if evaluation:
+        for proto in ("full", "sampled"):
+            for k, v in evaluation["model"][proto].items():
+                if k in ("ndcg@10", "hr@10", "mrr"):
+                    tags[f"metric.test_{proto}_{k.replace('@', '_at_')}"] = f"{v:.6f}"
+    return tags
+
+
+def register_candidate(
+    cfg, root: Path = Path("."), actor: str = "attnflow register"
+) -> dict[str, Any]:
+    """Register the trained model, gate it, and give it `challenger` (or `champion` if first).
+
+    A version that fails its gates is still registered (so the failure is on record,
+    as tags) but gets no alias, and `GateFailed` is raised.
+    """
+    from pipelines.errors import DataError
+    from pipelines.gates import GateFailed, gate_candidate
+    from pipelines.gates import summary as gate_summary
+    from pipelines.model import load_extra
+
+    train_report = Path(root) / cfg.paths.reports_dir / "train.json"
+    if not train_report.exists():
+        raise DataError(f"{train_report} does not exist: run `attnflow train` first")
+    trained = json.loads(train_report.read_text(encoding="utf-8"))
+    model_dir = Path(root) / cfg.paths.model_dir
+    lineage = load_extra(model_dir, "lineage")
+    if lineage.get("mlflow_run_id") != trained.get("mlflow_run_id"):
+        raise DataError(
+            f"{model_dir} was not produced by the run in {train_report}; rerun `attnflow train`"
+        )
+    eval_path = Path(root) / cfg.paths.reports_dir / "evaluate.json"
+    evaluation = json.loads(eval_path.read_text()) if eval_path.exists() else None
+    version = register(
+        trained["model_uri"], trained["mlflow_run_id"], lineage_tags(lineage, evaluation), root
+    )
+    champion = get_alias(CHAMPION, root=root)
+    source = f"models:/{model_name()}@{CHAMPION}" if champion else None
+    result = gate_candidate(cfg, root, model_dir, source)
+    tag_version(version, result.tags(), root=root)
+    out = {"version": version, "champion": champion, "gates": gate_summary(result)}
+    if not result.passed:
+        raise GateFailed(f"version {version} failed its gates: {'; '.join(result.reasons)}")
+    if champion is None:
+        set_alias(
+            CHAMPION,
+            version,
+            actor,
+            "first model: passed the baseline gate and smoke check",
+            root=root,
+        )
+        out["alias"] = CHAMPION
+    else:
+        set_alias(
+            CHALLENGER, version, actor, f"passed offline gates vs champion v{champion}", root=root
+        )
+        out["alias"] = CHALLENGER
+    return out
