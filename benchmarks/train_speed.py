@@ -21,6 +21,7 @@ about 20 s per epoch on games with these settings; the target is 1.5x its throug
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -34,8 +35,6 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-import contextlib
 
 from benchmarks.common import games_overrides, games_split  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
