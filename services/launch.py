@@ -1,0 +1,262 @@
+"""Start and stop model services and the canary gateway as local processes.
+
+Each process runs in its own process group (so stopping it stops BentoML's workers
+too), logs to a file, and is returned as a `Handle` with its pid, url and log path.
+Used by the rollout flow, by `attnflow up`, by the serving tests and the benchmark.
+
+    with start_model_service("models:/attnflow@champion", port=3000) as champion:
+        with start_gateway(champion.url, port=8080) as gateway:
+            ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipelines.errors import AttnflowError
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_SERVICE = "services.model_service:ModelService"
+
+
+class LaunchError(AttnflowError):
+    """A service process did not come up (exited, not ready in time, model not loadable)."""
+
+
+@dataclass
+class Handle:
+    """A started service process: stop it with `stop()` or use it as a context manager."""
+
+    name: str
+    pid: int
+    url: str
+    port: int
+    log_path: Path
+    proc: subprocess.Popen = field(repr=False)
+
+    def alive(self) -> bool:
+        """Whether the process (the group leader) is still running."""
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM the process group, then SIGKILL what is left after `timeout` seconds."""
+        _stop_group(self.proc, timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group at once (a crash, for drills and tests)."""
+        _signal_group(self.proc, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last lines of the process log."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)  # the group id is the pid: started with start_new_session
+
+
+def _stop_group(proc: subprocess.Popen, timeout: float) -> None:
+    _signal_group(proc, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log.warning("pid %d did not stop in %.0f s; killing its group", proc.pid, timeout)
+    # Workers may outlive the leader: make sure nothing of the group is left.
+    _signal_group(proc, signal.SIGKILL)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        log.error("pid %d survived SIGKILL", proc.pid)
+
+
+def stop_all(handles: list[Handle], timeout: float = 15.0) -> None:
+    """Stop several processes at once: SIGTERM to every group first, then wait for each."""
+    for h in handles:
+        _signal_group(h.proc, signal.SIGTERM)
+    for h in handles:
+        _stop_group(h.proc, timeout)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (bound to port 0 and released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, timeout: float = 1.0, data: bytes | None = None) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _spawn(
+    name: str, cmd: list[str], env: dict[str, str], port: int, host: str, log_dir: Path | None
+) -> Handle:
+    log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="attnflow-serve-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}-{port}.log"
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: stop() takes the workers too
+        )
+    log.info("started %s (pid %d) on %s:%d, log %s", name, proc.pid, host, port, log_path)
+    return Handle(name, proc.pid, f"http://{host}:{port}", port, log_path, proc)
+
+
+def _child_env(extra: dict[str, str] | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.setdefault("BENTOML_DO_NOT_TRACK", "True")
+    env.update(extra or {})
+    return env
+
+
+def start_model_service(
+    source: str | Path,
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    variant: str = "champion",
+    feedback_log: Path | None = None,
+    overrides: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    log_dir: Path | None = None,
+    wait: bool = True,
+    timeout: float = 120.0,
+) -> Handle:
+    """`bentoml serve` the model service for `source` (model folder or models:/ URI).
+
+    With `wait`, returns once /readyz answers 200; raises `LaunchError` (and stops the
+    process) if it exits, reports that its model cannot be served, or is not ready
+    within `timeout` seconds.
+    """
+    port = port or free_port(host)
+    extra = {"ATTNFLOW_MODEL_SOURCE": str(source), "ATTNFLOW_VARIANT": variant}
+    if feedback_log is not None:
+        extra["ATTNFLOW_FEEDBACK_LOG"] = str(feedback_log)
+    if overrides:
+        extra["ATTNFLOW_SET"] = ";".join(overrides)
+    extra.update(env or {})
+    cmd = [sys.executable, "-m", "bentoml", "serve", MODEL_SERVICE, "--host", host]
+    cmd += ["--port", str(port)]
+    handle = _spawn(f"model-{variant}", cmd, _child_env(extra), port, host, log_dir)
+    if wait:
+        try:
+            wait_ready(handle, timeout)
+        except BaseException:
+            handle.stop()
+            raise
+    return handle
+
+
+def wait_ready(handle: Handle, timeout: float = 120.0, model_service: bool = True) -> None:
+    """Block until `handle` answers /readyz 200; fail fast when it cannot become ready."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not handle.alive():
+            raise LaunchError(
+                f"{handle.name} exited early; log {handle.log_path}:\n{handle.log_tail()}"
+            )
+        try:
+            status, _ = _get(f"{handle.url}/readyz", timeout=1.0)
+            if status == 200:
+                return
+            if model_service:
+                status, body = _get(f"{handle.url}/info", timeout=2.0, data=b"{}")
+                reason = json.loads(body).get("not_ready_reason") if status == 200 else None
+                if reason and reason != "starting":
+                    raise LaunchError(f"{handle.name} cannot serve: {reason}")
+        except (OSError, ValueError):
+            pass  # not listening yet
+        time.sleep(0.1)
+    raise LaunchError(
+        f"{handle.name} not ready after {timeout:.0f} s; log {handle.log_path}:\n"
+        f"{handle.log_tail()}"
+    )
+
+
+def start_gateway(
+    champion: str,
+    challenger: str | None = None,
+    weight: int = 0,
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    admin_token: str | None = None,
+    overrides: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    log_dir: Path | None = None,
+    wait: bool = True,
+    timeout: float = 30.0,
+) -> Handle:
+    """Start the canary gateway (uvicorn) in front of the champion (and challenger) URLs.
+
+    With `wait`, returns once the gateway answers /livez (its /readyz follows the
+    champion's readiness, which may come later).
+    """
+    port = port or free_port(host)
+    extra: dict[str, str] = {}
+    if admin_token is not None:
+        extra["ATTNFLOW_ADMIN_TOKEN"] = admin_token
+    if overrides:
+        extra["ATTNFLOW_SET"] = ";".join(overrides)
+    extra.update(env or {})
+    cmd = [sys.executable, "-m", "services.gateway", "--host", host, "--port", str(port)]
+    cmd += ["--champion", champion, "--weight", str(weight)]
+    if challenger:
+        cmd += ["--challenger", challenger]
+    handle = _spawn("gateway", cmd, _child_env(extra), port, host, log_dir)
+    if wait:
+        deadline = time.monotonic() + timeout
+        while True:
+            if not handle.alive():
+                handle.stop()
+                raise LaunchError(
+                    f"gateway exited early; log {handle.log_path}:\n{handle.log_tail()}"
+                )
+            try:
+                if _get(f"{handle.url}/livez", timeout=1.0)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                handle.stop()
+                raise LaunchError(f"gateway not up after {timeout:.0f} s; log {handle.log_path}")
+            time.sleep(0.05)
+    return handle
