@@ -291,6 +291,8 @@ class ServeConfig(Section):
     max_feedback_events: int = Field(1000, ge=1)  # events in one /feedback request
     torch_threads: int = Field(1, ge=1)  # per model service; requests are batched, not threaded
     canary_salt: str = "attnflow"  # sticky assignment: hash(salt + user_id) picks the variant
+    # a request queued this long for the model is shed (503): overload, not a CPU hiccup
+    max_queue_ms: int = Field(1000, ge=1)
 
 
 class RolloutConfig(Section):

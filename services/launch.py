@@ -26,6 +26,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from pipelines.errors import AttnflowError
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,11 @@ class LaunchError(AttnflowError):
 
 @dataclass
 class Handle:
-    """A started service process: stop it with `stop()` or use it as a context manager."""
+    """A started service process: stop it with `stop()` or use it as a context manager.
+
+    BentoML's arbiter starts its workers in sessions of their own, so a process-group
+    signal does not reach them: the handle also tracks the leader's descendants.
+    """
 
     name: str
     pid: int
@@ -48,19 +54,33 @@ class Handle:
     port: int
     log_path: Path
     proc: subprocess.Popen = field(repr=False)
+    known: set[int] = field(default_factory=set, repr=False)  # descendants seen so far
 
     def alive(self) -> bool:
-        """Whether the process (the group leader) is still running."""
+        """Whether the process (the leader) is still running."""
         return self.proc.poll() is None
 
+    def descendants(self) -> list[int]:
+        """Pids of the leader's processes now, plus every descendant seen before."""
+        try:
+            found = {c.pid for c in psutil.Process(self.pid).children(recursive=True)}
+        except psutil.Error:
+            found = set()
+        self.known |= found
+        return sorted(self.known)
+
     def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM the process group, then SIGKILL what is left after `timeout` seconds."""
-        _stop_group(self.proc, timeout)
+        """SIGTERM the process group, then SIGKILL whatever is left after `timeout` seconds."""
+        _stop([self], timeout)
 
     def kill(self) -> None:
-        """SIGKILL the whole process group at once (a crash, for drills and tests)."""
+        """SIGKILL the leader and every descendant at once (a crash, for drills and tests)."""
+        pids = self.descendants()
         _signal_group(self.proc, signal.SIGKILL)
+        for pid in pids:
+            _kill_pid(pid, signal.SIGKILL)
         self.proc.wait(timeout=10)
+        _reap(pids, 5.0)
 
     def log_tail(self, lines: int = 40) -> str:
         """The last lines of the process log."""
@@ -77,30 +97,49 @@ class Handle:
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)  # the group id is the pid: started with start_new_session
 
 
-def _stop_group(proc: subprocess.Popen, timeout: float) -> None:
-    _signal_group(proc, signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        log.warning("pid %d did not stop in %.0f s; killing its group", proc.pid, timeout)
-    # Workers may outlive the leader: make sure nothing of the group is left.
-    _signal_group(proc, signal.SIGKILL)
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        log.error("pid %d survived SIGKILL", proc.pid)
+def _kill_pid(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+
+
+def _reap(pids: list[int], timeout: float) -> list[int]:
+    """Wait for `pids` to exit; returns those still running."""
+    procs = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            procs.append(psutil.Process(pid))
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    return [p.pid for p in alive]
+
+
+def _stop(handles: list[Handle], timeout: float) -> None:
+    """SIGTERM every leader (BentoML's arbiter stops its workers), then SIGKILL leftovers."""
+    pids = {id(h): h.descendants() for h in handles}
+    for h in handles:
+        _signal_group(h.proc, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for h in handles:
+        try:
+            h.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s (pid %d) did not stop in %.0f s; killing it", h.name, h.pid, timeout)
+        _signal_group(h.proc, signal.SIGKILL)
+        left = _reap(pids[id(h)], max(0.1, deadline - time.monotonic()))
+        for pid in left:
+            _kill_pid(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            h.proc.wait(timeout=5)
+        if _reap(left, 5.0):
+            log.error("%s: processes %s survived SIGKILL", h.name, left)
 
 
 def stop_all(handles: list[Handle], timeout: float = 15.0) -> None:
-    """Stop several processes at once: SIGTERM to every group first, then wait for each."""
-    for h in handles:
-        _signal_group(h.proc, signal.SIGTERM)
-    for h in handles:
-        _stop_group(h.proc, timeout)
+    """Stop several processes at once: SIGTERM to every one first, then wait for each."""
+    _stop(handles, timeout)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -197,6 +236,7 @@ def wait_ready(handle: Handle, timeout: float = 120.0, model_service: bool = Tru
         try:
             status, _ = _get(f"{handle.url}/readyz", timeout=1.0)
             if status == 200:
+                handle.descendants()  # remember the workers while the arbiter is alive
                 return
             if model_service:
                 status, body = _get(f"{handle.url}/info", timeout=2.0, data=b"{}")

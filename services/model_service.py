@@ -34,7 +34,9 @@ Environment:
 
 Recommendations are computed by a micro-batcher: requests that arrive while the
 model is busy are scored together in one forward pass (up to `serve.max_batch_size`).
-An idle model scores a request at once, so batching adds no latency at low load.
+An idle model scores a request at once, so batching adds no latency at low load and
+`serve.max_latency_ms` (a batch window) is not needed; a request queued longer than
+`serve.max_queue_ms` is shed with 503 (the service is overloaded).
 """
 
 from __future__ import annotations
@@ -189,7 +191,7 @@ Out = TypeVar("Out")
 
 
 class Overloaded(Exception):
-    """A request waited in the batch queue longer than `serve.max_latency_ms`."""
+    """A request waited in the batch queue longer than `serve.max_queue_ms`."""
 
 
 class MicroBatcher(Generic[In, Out]):
@@ -442,7 +444,7 @@ class ModelService:
             self._score,
             self.executor,
             max_batch_size=cfg.max_batch_size,
-            max_wait_s=cfg.max_latency_ms / 1000,
+            max_wait_s=cfg.max_queue_ms / 1000,
             on_batch=self.batch_size.observe,
         )
         # A model that cannot load leaves the service alive but never ready, with the

@@ -15,9 +15,11 @@ Every process is stopped (its whole process group) when the session ends.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -29,6 +31,8 @@ from services.launch import Handle, start_model_service, stop_all, wait_ready
 from tests.model.conftest import make_split, small_config
 
 SLOW_MS = 1500  # the slow service's injected delay; tests give the gateway a shorter timeout
+# One pooled client for every test: a fresh httpx client per call costs ~30 ms (TLS setup).
+HTTP = httpx.Client(timeout=30, trust_env=False)
 
 
 @dataclass
@@ -139,3 +143,22 @@ def services(models, tmp_path_factory) -> Services:
 def admin_token() -> str:
     """The gateway's admin token in these tests."""
     return os.environ.get("ATTNFLOW_TEST_ADMIN_TOKEN", "test-token-" + os.urandom(8).hex())
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of the Prometheus samples `name` whose labels include `labels` (0 if none)."""
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(rf"^{re.escape(name)}(\{{(.*)\}})? (\S+)$", line)
+        if not m:
+            continue
+        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        if all(got.get(k) == v for k, v in labels.items()):
+            total += float(m.group(3))
+    return total
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_http():
+    yield
+    HTTP.close()

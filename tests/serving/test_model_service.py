@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 
 import aiohttp
 import httpx
@@ -12,27 +11,13 @@ import pytest
 
 from pipelines.inference import ServedModel, UnknownUser
 from services.model_service import RecQuery, recommend_many
+from tests.serving.conftest import HTTP, metric
 
 
 def _post(url: str, path: str, body=None, content: bytes | None = None, **kw) -> httpx.Response:
     if content is not None:
-        return httpx.post(url + path, content=content, timeout=30, **kw)
-    return httpx.post(url + path, json=body, timeout=30, **kw)
-
-
-def _metric(text: str, name: str, **labels) -> float:
-    """The value of one Prometheus sample (0 when absent)."""
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name):
-            continue
-        m = re.match(rf"^{re.escape(name)}(\{{(.*)\}})? (\S+)$", line)
-        if not m:
-            continue
-        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
-        if all(got.get(k) == v for k, v in labels.items()):
-            total += float(m.group(3))
-    return total
+        return HTTP.post(url + path, content=content, timeout=30, **kw)
+    return HTTP.post(url + path, json=body, timeout=30, **kw)
 
 
 # --- batched scoring equals one-by-one scoring (in process) --------------------------------------
@@ -211,22 +196,22 @@ def test_an_oversize_chunked_body_is_refused(services):
         for _ in range(30):
             yield b"x" * 50_000
 
-    r = httpx.post(services.champion.url + "/recommend", content=chunks(), timeout=30)
+    r = HTTP.post(services.champion.url + "/recommend", content=chunks(), timeout=30)
     assert r.status_code == 413
 
 
 def test_probes_and_info(services):
     url = services.champion.url
-    assert httpx.get(url + "/livez").status_code == 200
-    assert httpx.get(url + "/readyz").status_code == 200
+    assert HTTP.get(url + "/livez").status_code == 200
+    assert HTTP.get(url + "/readyz").status_code == 200
     info = _post(url, "/info", {}).json()
     assert info["ready"] is True and info["n_users"] > 0 and len(info["digest"]) == 16
 
 
 def test_a_broken_model_is_alive_but_never_ready_and_answers_503(services):
     url = services.broken.url
-    assert httpx.get(url + "/livez").status_code == 200
-    assert httpx.get(url + "/readyz").status_code == 503
+    assert HTTP.get(url + "/livez").status_code == 200
+    assert HTTP.get(url + "/readyz").status_code == 503
     info = _post(url, "/info", {}).json()
     assert info["ready"] is False and "smoke recommendation failed" in info["not_ready_reason"]
     r = _post(url, "/recommend", {"history": ["i1"]})
@@ -237,7 +222,7 @@ def test_concurrent_requests_are_batched(services, models):
     """Under concurrent load, one forward pass scores several requests."""
     url = services.champion.url
     users = list(ServedModel.load(models.trained).user_index)
-    before = httpx.get(url + "/metrics").text
+    before = HTTP.get(url + "/metrics").text
     n = 240
 
     async def load() -> list[int]:
@@ -258,14 +243,12 @@ def test_concurrent_requests_are_batched(services, models):
 
     statuses = asyncio.run(load())
     assert statuses == [200] * n
-    after = httpx.get(url + "/metrics").text
-    requests = _metric(after, "attnflow_batch_size_sum") - _metric(
-        before, "attnflow_batch_size_sum"
-    )
-    batches = _metric(after, "attnflow_batch_size_count") - _metric(
+    after = HTTP.get(url + "/metrics").text
+    requests = metric(after, "attnflow_batch_size_sum") - metric(before, "attnflow_batch_size_sum")
+    batches = metric(after, "attnflow_batch_size_count") - metric(
         before, "attnflow_batch_size_count"
     )
-    singles = _metric(after, "attnflow_batch_size_bucket", le="1.0") - _metric(
+    singles = metric(after, "attnflow_batch_size_bucket", le="1.0") - metric(
         before, "attnflow_batch_size_bucket", le="1.0"
     )
     assert requests == n
@@ -276,8 +259,8 @@ def test_concurrent_requests_are_batched(services, models):
 def test_metrics_count_requests_errors_and_latency(services):
     url = services.champion.url
     _post(url, "/recommend", {"user_id": "nobody-at-all"})
-    text = httpx.get(url + "/metrics").text
-    assert _metric(text, "attnflow_requests_total", api="recommend", outcome="ok") > 0
-    assert _metric(text, "attnflow_requests_total", api="recommend", outcome="unknown_user") > 0
-    assert _metric(text, "bentoml_service_request_total", endpoint="/recommend") > 0
-    assert _metric(text, "bentoml_service_request_duration_seconds_count", endpoint="/recommend")
+    text = HTTP.get(url + "/metrics").text
+    assert metric(text, "attnflow_requests_total", api="recommend", outcome="ok") > 0
+    assert metric(text, "attnflow_requests_total", api="recommend", outcome="unknown_user") > 0
+    assert metric(text, "bentoml_service_request_total", endpoint="/recommend") > 0
+    assert metric(text, "bentoml_service_request_duration_seconds_count", endpoint="/recommend")
