@@ -160,9 +160,19 @@ def _get(url: str, timeout: float = 1.0, data: bytes | None = None) -> tuple[int
         return exc.code, exc.read()
 
 
-def _spawn(
-    name: str, cmd: list[str], env: dict[str, str], port: int, host: str, log_dir: Path | None
+def spawn(
+    name: str,
+    cmd: list[str],
+    port: int,
+    host: str = "127.0.0.1",
+    env: dict[str, str] | None = None,
+    log_dir: Path | None = None,
 ) -> Handle:
+    """Run `cmd` from the repository root in its own process group, logging to a file.
+
+    `env` adds to this process's environment (the repository is put on PYTHONPATH).
+    """
+    env = _child_env(env)
     log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="attnflow-serve-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}-{port}.log"
@@ -215,7 +225,7 @@ def start_model_service(
     extra.update(env or {})
     cmd = [sys.executable, "-m", "bentoml", "serve", MODEL_SERVICE, "--host", host]
     cmd += ["--port", str(port)]
-    handle = _spawn(f"model-{variant}", cmd, _child_env(extra), port, host, log_dir)
+    handle = spawn(f"model-{variant}", cmd, port, host, extra, log_dir)
     if wait:
         try:
             wait_ready(handle, timeout)
@@ -281,7 +291,7 @@ def start_gateway(
     cmd += ["--champion", champion, "--weight", str(weight)]
     if challenger:
         cmd += ["--challenger", challenger]
-    handle = _spawn("gateway", cmd, _child_env(extra), port, host, log_dir)
+    handle = spawn("gateway", cmd, port, host, extra, log_dir)
     if wait:
         deadline = time.monotonic() + timeout
         while True:

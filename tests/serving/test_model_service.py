@@ -10,7 +10,13 @@ import httpx
 import pytest
 
 from pipelines.inference import ServedModel, UnknownUser
-from services.model_service import RecQuery, recommend_many
+from services.model_service import (
+    FeedbackResponse,
+    RecommendResponse,
+    RecQuery,
+    SimilarResponse,
+    recommend_many,
+)
 from tests.serving.conftest import HTTP, metric
 
 
@@ -67,6 +73,7 @@ def test_recommend_for_a_known_user(services, models):
     r = _post(services.champion.url, "/recommend", {"user_id": user, "k": 7})
     assert r.status_code == 200, r.text
     body = r.json()
+    RecommendResponse.model_validate(body)  # the documented response body
     assert body["items"] == model.recommend(user_id=user, k=7).items
     assert len(body["scores"]) == 7 and body["scores"] == sorted(body["scores"], reverse=True)
     assert body["variant"] == "champion" and body["model_version"] is None
@@ -100,6 +107,7 @@ def test_similar(services, models):
     r = _post(services.champion.url, "/similar", {"item_id": item, "k": 4})
     assert r.status_code == 200, r.text
     body = r.json()
+    SimilarResponse.model_validate(body)
     assert body["items"] == model.similar(item, 4).items and item not in body["items"]
     r = _post(services.champion.url, "/similar", {"item_id": "nope", "k": 4})
     assert r.status_code == 404 and r.json()["detail"][0]["loc"] == ["item_id"]
@@ -114,6 +122,7 @@ def test_feedback_is_appended_and_an_unwritable_log_answers_503(services, tmp_pa
     ]
     r = _post(url, "/feedback", {"events": events})
     assert r.status_code == 200 and r.json() == {"written": 2, "duplicates": 0}
+    FeedbackResponse.model_validate(r.json())
     r = _post(url, "/feedback", {"events": events})  # a client retry
     assert r.json() == {"written": 0, "duplicates": 2}
     good = log.read_text()
