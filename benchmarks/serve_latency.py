@@ -12,8 +12,9 @@ request's scheduled send time) drives, one after another:
 
 Each runs at fixed rates (default 50, 100, 200 requests/s, `--seconds` each), then a
 search for the maximum sustained rate: the rate goes up until a step has an error,
-p99 over 100 ms, or an achieved rate under 95% of the target; the last step that
-passed is the maximum. CPU-seconds per 1,000 requests are measured for every server
+p99 over 100 ms, or an achieved rate under 95% of the target (a failed step is run
+once more before it counts: the machine is shared); the last rate that passed is the
+maximum. CPU-seconds per 1,000 requests are measured for every server
 process tree (psutil), and p50/p95/p99, errors and the achieved rate for every step.
 The load generator shares the machine with the servers; the numbers say what this
 machine does with everything on it.
@@ -363,7 +364,15 @@ def scenario(
         search.append(step)
         log.info("%s search @ %s rps: %s", name, rate, _brief(step))
         if not passes(step):
-            break
+            # The machine is shared: a failed step is run once more before it counts,
+            # for every server alike, so one stray CPU burst does not end the search.
+            time.sleep(1.0)
+            step = measure(url, rate, search_seconds, bodies, servers)
+            step["retry"] = True
+            search.append(step)
+            log.info("%s search @ %s rps (again): %s", name, rate, _brief(step))
+            if not passes(step):
+                break
         best = rate
         time.sleep(0.5)  # let a backlog drain before the next step
     return {"url": url, "fixed": fixed, "search": search, "max_sustained_rps": best}
@@ -472,7 +481,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "model": model if args.model else "untrained default architecture, 10k-item catalog",
         "request_mix": "80% user_id, 20% 20-item history; k=10",
-        "rule": f"sustained: 0 errors, p99 <= {P99_LIMIT_MS} ms, achieved >= 95% of target",
+        "rule": f"sustained: 0 errors, p99 <= {P99_LIMIT_MS} ms, achieved >= 95% of target "
+        "(a failed search step is repeated once before it counts)",
         "wall_s": round(time.time() - started, 1),
         "scenarios": scenarios,
     }

@@ -18,14 +18,16 @@ Readiness and failover. Each upstream's /readyz is probed every
 `serve.health_interval_s`; a variant that is not ready gets no traffic. A request
 whose upstream fails (connection error, timeout after `serve.upstream_timeout_s`,
 5xx) is retried once on the other variant if that one is ready, and the failure is
-counted against the variant that failed; a connection error also marks that
-upstream not ready at once, so a dead challenger costs at most the requests in
-flight when it died, and those are retried. 4xx answers are the client's and pass
-through.
+counted against the variant that failed. A connection error is first retried once on
+a fresh connection (a stale keep-alive connection looks like a dead process); if that
+fails too the upstream is marked not ready at once, so a dead challenger costs at
+most the requests in flight when it died, and those are retried. 4xx answers are the
+client's and pass through.
 
 Feedback. `POST /feedback` goes to the champion (failing over to the challenger on a
 connection error; both append to the same durable log). Events without a `variant`
-get the one their user is assigned at the current weight, and impressions and clicks
+get the one their user is assigned at the current weight, events without an
+`event_id` get one (so a retry cannot write them twice), and impressions and clicks
 are counted per variant (an `event_id` already counted is not counted again).
 
 Metrics. `GET /metrics` (Prometheus, monotonic since start): requests, errors and
@@ -49,6 +51,7 @@ import hmac
 import logging
 import os
 import time
+import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -242,9 +245,6 @@ class Gateway:
         except (aiohttp.ClientConnectionError, ConnectionError) as exc:
             if isinstance(exc, aiohttp.ServerTimeoutError):
                 raise UpstreamFailed("timeout", str(exc), 504) from None
-            # Dead or restarting: stop routing to it now, not at the next probe.
-            backend.ready = False
-            self.m_ready.labels(variant).set(0)
             raise UpstreamFailed("connection", str(exc) or type(exc).__name__) from None
         except TimeoutError:
             detail = f"no answer in {self.cfg.upstream_timeout_s} s"
@@ -255,6 +255,30 @@ class Gateway:
             detail = f"{status} {data[:200].decode(errors='replace')}"
             raise UpstreamFailed("http_5xx", detail, status, data)
         return status, data
+
+    async def _forward_once_more(self, variant: str, path: str, body: bytes) -> tuple[int, bytes]:
+        """`_forward`, with one more try on a fresh connection after a connection error.
+
+        A pooled keep-alive connection the upstream has just closed fails like a dead
+        process; one retry tells the two apart, so a live champion is never taken out
+        of rotation by a stale connection. A dead process refuses the retry at once.
+        """
+        backend = self.backends[variant]
+        try:
+            return await self._forward(variant, path, body)
+        except UpstreamFailed as exc:
+            if exc.kind != "connection" or self.backends[variant] is not backend:
+                raise
+            log.info("%s %s: %s; retrying once on a new connection", variant, path, exc)
+        try:
+            return await self._forward(variant, path, body)
+        except UpstreamFailed as exc:
+            if exc.kind == "connection" and self.backends[variant] is backend:
+                # Dead or restarting: out of rotation now, not at the next probe.
+                assert backend is not None
+                backend.ready = False
+                self.m_ready.labels(variant).set(0)
+            raise
 
     async def _routed(self, path: str, body: bytes, send: Any) -> None:
         start = time.perf_counter()
@@ -269,17 +293,20 @@ class Gateway:
         if not order:
             return await _reply(send, 503, _err("no model service is ready"))
         last: UpstreamFailed | None = None
-        for variant in order:
+        for n, variant in enumerate(order):
             self.m_requests.labels(variant, path).inc()
             win = self.window[variant]
             win.requests += 1
             try:
-                status, data = await self._forward(variant, path, body)
+                status, data = await self._forward_once_more(variant, path, body)
             except UpstreamFailed as exc:
                 win.errors += 1
                 self.m_errors.labels(variant, exc.kind).inc()
-                self.m_retries.labels(variant).inc()
-                log.warning("%s %s failed (%s); trying the other variant", variant, path, exc)
+                if n + 1 < len(order):
+                    self.m_retries.labels(variant).inc()
+                    log.warning("%s %s failed (%s); trying the other variant", variant, path, exc)
+                else:
+                    log.warning("%s %s failed (%s)", variant, path, exc)
                 last = exc
                 continue
             elapsed = time.perf_counter() - start
@@ -302,17 +329,21 @@ class Gateway:
             events = None
         if isinstance(events, list):
             for ev in events:
-                if isinstance(ev, dict) and ev.get("variant") is None:
-                    uid = ev.get("user_id")
-                    if isinstance(uid, str):
-                        ev["variant"] = self.assign(uid.encode())
+                if not isinstance(ev, dict):
+                    continue
+                uid = ev.get("user_id")
+                if ev.get("variant") is None and isinstance(uid, str):
+                    ev["variant"] = self.assign(uid.encode())
+                if ev.get("event_id") is None:
+                    # an id of our own makes the gateway's retry below idempotent too
+                    ev["event_id"] = uuid.uuid4().hex
             body = orjson.dumps(parsed)
         order = [v for v in (CHAMPION, CHALLENGER) if self.backends[v] is not None]
         last: UpstreamFailed | None = None
         for variant in order:
             self.m_requests.labels(variant, "/feedback").inc()
             try:
-                status, data = await self._forward(variant, "/feedback", body)
+                status, data = await self._forward_once_more(variant, "/feedback", body)
             except UpstreamFailed as exc:
                 self.m_errors.labels(variant, exc.kind).inc()
                 last = exc
@@ -532,7 +563,8 @@ class Gateway:
     async def startup(self) -> None:
         """Open the upstream connection pool, probe once, and start probing."""
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=512, keepalive_timeout=30),
+            # Idle connections are dropped before uvicorn's 5 s keep-alive closes them upstream.
+            connector=aiohttp.TCPConnector(limit=512, keepalive_timeout=4),
             timeout=aiohttp.ClientTimeout(total=self.cfg.upstream_timeout_s),
             skip_auto_headers={"User-Agent"},
         )
