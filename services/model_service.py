@@ -27,6 +27,7 @@ Environment:
     ATTNFLOW_PARAMS         params.yaml to read `serve` from (default ./params.yaml)
     ATTNFLOW_SET            ';'-separated overrides, e.g. "serve.max_k=20;serve.max_batch_size=8"
     ATTNFLOW_FEEDBACK_LOG   feedback log path (default serve.feedback_log)
+    ATTNFLOW_ROOT           project root for registry URIs (MLflow store; default .)
     ATTNFLOW_VARIANT        the variant this service reports when the gateway does not
                             say (X-Attnflow-Variant request header); default "champion"
     ATTNFLOW_TEST_DELAY_MS  fault injection for tests and drills only: every /recommend and
@@ -77,9 +78,21 @@ VARIANTS = ("champion", "challenger")
 
 @cache
 def serve_config() -> ServeConfig:
-    """The `serve` section: params.yaml (`ATTNFLOW_PARAMS`) with `ATTNFLOW_SET` overrides."""
+    """The `serve` section: params.yaml (`ATTNFLOW_PARAMS`) with `ATTNFLOW_SET` overrides.
+
+    Raises `ConfigError` for a bad file or override; the service then starts with the
+    defaults, never ready, and says why in /info.
+    """
     overrides = [o.strip() for o in os.environ.get(SET_ENV, "").split(";") if o.strip()]
     return load_config(os.environ.get(PARAMS_ENV, "params.yaml"), overrides).serve
+
+
+def _limits() -> ServeConfig:
+    """The configuration the request validators check against (defaults if it is bad)."""
+    try:
+        return serve_config()
+    except Exception:
+        return ServeConfig()
 
 
 # --- request and response bodies -------------------------------------------------------------
@@ -99,7 +112,7 @@ class RecommendRequest(BaseModel):
     @field_validator("history")
     @classmethod
     def _history_capped(cls, v: list[str] | None) -> list[str] | None:
-        limit = serve_config().max_history
+        limit = _limits().max_history
         if v is not None and len(v) > limit:
             raise ValueError(f"at most {limit} items (serve.max_history), got {len(v)}")
         return v
@@ -107,7 +120,7 @@ class RecommendRequest(BaseModel):
     @field_validator("k")
     @classmethod
     def _k_capped(cls, v: int) -> int:
-        limit = serve_config().max_k
+        limit = _limits().max_k
         if v > limit:
             raise ValueError(f"at most {limit} (serve.max_k), got {v}")
         return v
@@ -141,7 +154,7 @@ class SimilarRequest(BaseModel):
     @field_validator("k")
     @classmethod
     def _k_capped(cls, v: int) -> int:
-        limit = serve_config().max_k
+        limit = _limits().max_k
         if v > limit:
             raise ValueError(f"at most {limit} (serve.max_k), got {v}")
         return v
@@ -166,7 +179,7 @@ class FeedbackRequest(BaseModel):
     @field_validator("events")
     @classmethod
     def _capped(cls, v: list[FeedbackEvent]) -> list[FeedbackEvent]:
-        limit = serve_config().max_feedback_events
+        limit = _limits().max_feedback_events
         if len(v) > limit:
             raise ValueError(f"at most {limit} events a request (serve.max_feedback_events)")
         return v
@@ -368,7 +381,7 @@ class BodyGuard:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
-        limit = serve_config().max_body_bytes
+        limit = _limits().max_body_bytes
         headers = dict(scope["headers"])
         ctype = headers.get(b"content-type", b"application/json").split(b";")[0].strip()
         if ctype not in (b"application/json", b""):
@@ -459,7 +472,10 @@ class ModelService:
 
         from pipelines.registry import fetch_model
 
-        cfg = serve_config()
+        try:
+            cfg, config_error = serve_config(), None
+        except Exception as exc:  # raising would make BentoML restart the worker forever
+            cfg, config_error = ServeConfig(), f"configuration: {exc}"
         torch.set_num_threads(cfg.torch_threads)
         self.source = os.environ.get(SOURCE_ENV, "")
         self.model: ServedModel | None = None
@@ -484,6 +500,10 @@ class ModelService:
         )
         # A model that cannot load leaves the service alive but never ready, with the
         # reason in /info: raising here would make BentoML restart the worker forever.
+        if config_error:
+            self.not_ready_reason = config_error
+            log.error("%s; the service stays not ready", config_error)
+            return
         try:
             if not self.source:
                 raise ValueError(f"set {SOURCE_ENV} to a model folder or a models:/ URI")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import aiohttp
 import httpx
 import pytest
 
 from pipelines.inference import ServedModel, UnknownUser
+from services.launch import LaunchError, start_model_service
 from services.model_service import (
     FeedbackResponse,
     RecommendResponse,
@@ -273,3 +275,16 @@ def test_metrics_count_requests_errors_and_latency(services):
     assert metric(text, "attnflow_requests_total", api="recommend", outcome="unknown_user") > 0
     assert metric(text, "bentoml_service_request_total", endpoint="/recommend") > 0
     assert metric(text, "bentoml_service_request_duration_seconds_count", endpoint="/recommend")
+
+
+def test_a_model_that_cannot_load_fails_the_launch_fast_with_the_reason(tmp_path):
+    """No restart loop and no timeout: the launcher reports why at once."""
+    started = time.monotonic()
+    with pytest.raises(LaunchError, match="could not be loaded"):
+        start_model_service(
+            tmp_path / "no-such-model",
+            log_dir=tmp_path,
+            env={"BENTOML_HOME": str(tmp_path / "bentoml")},
+            timeout=120,
+        )
+    assert time.monotonic() - started < 60
