@@ -49,10 +49,11 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import math
 import os
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,7 +75,6 @@ log = logging.getLogger("attnflow.gateway")
 CHAMPION, CHALLENGER = "champion", "challenger"
 ROUTED = {"/recommend", "/similar"}
 ADMIN_TOKEN_ENV = "ATTNFLOW_ADMIN_TOKEN"
-WINDOW_SAMPLES = 200_000  # latencies kept per variant for the window's percentiles
 JSON = [(b"content-type", b"application/json")]
 
 
@@ -94,32 +94,59 @@ class Backend:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+class LatencySketch:
+    """Latencies in log-spaced buckets (2% wide): quantiles in O(buckets), any count.
+
+    Sorting every sample of a long bake on each /admin/state call would stall the
+    event loop that serves requests; a quantile read from buckets is within 2%.
+    """
+
+    GROWTH = 1.02
+    FLOOR_MS = 0.01
+    SIZE = 800  # up to 0.01 ms x 1.02^800: about 80 s
+
+    def __init__(self) -> None:
+        self.counts = [0] * self.SIZE
+        self.n = 0
+        self._log_growth = math.log(self.GROWTH)
+
+    def add(self, ms: float) -> None:
+        """Record one latency in milliseconds."""
+        i = 0 if ms <= self.FLOOR_MS else int(math.log(ms / self.FLOOR_MS) / self._log_growth) + 1
+        self.counts[min(i, self.SIZE - 1)] += 1
+        self.n += 1
+
+    def quantile(self, q: float) -> float | None:
+        """The upper edge of the bucket holding quantile `q` (None without samples)."""
+        if not self.n:
+            return None
+        rank, seen = max(1, math.ceil(q * self.n)), 0
+        for i, c in enumerate(self.counts):
+            seen += c
+            if seen >= rank:
+                return round(self.FLOOR_MS * self.GROWTH**i, 3)
+        return None  # unreachable: the counts sum to n
+
+
 class Window:
     """Per-variant counts since the last reset (what a rollout step is judged on)."""
 
     def __init__(self) -> None:
         self.requests = 0
         self.errors = 0
-        self.latencies_ms: deque[float] = deque(maxlen=WINDOW_SAMPLES)
+        self.latency = LatencySketch()
         self.impressions = 0
         self.clicks = 0
 
     def summary(self) -> dict[str, Any]:
-        lat = sorted(self.latencies_ms)
         return {
             "requests": self.requests,
             "errors": self.errors,
-            "p50_ms": _quantile(lat, 0.50),
-            "p99_ms": _quantile(lat, 0.99),
+            "p50_ms": self.latency.quantile(0.50),
+            "p99_ms": self.latency.quantile(0.99),
             "impressions": self.impressions,
             "clicks": self.clicks,
         }
-
-
-def _quantile(ordered: list[float], q: float) -> float | None:
-    if not ordered:
-        return None
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
 
 
 class UpstreamFailed(Exception):
@@ -310,7 +337,7 @@ class Gateway:
                 last = exc
                 continue
             elapsed = time.perf_counter() - start
-            win.latencies_ms.append(1000 * elapsed)
+            win.latency.add(1000 * elapsed)
             self._lat[variant].observe(elapsed)
             return await _reply(send, status, data, variant)
         assert last is not None

@@ -325,3 +325,19 @@ def test_a_killed_challenger_costs_no_request(gateway, admin, services, users):
     assert after and set(after) == {"champion"}
     state = admin("GET", "/admin/state").json()
     assert state["backends"]["challenger"]["ready"] is False
+
+
+def test_window_latency_quantiles_are_within_two_percent():
+    import random
+
+    from services.gateway import LatencySketch
+
+    sketch, rng = LatencySketch(), random.Random(1)
+    assert sketch.quantile(0.99) is None
+    xs = [rng.lognormvariate(2, 0.8) for _ in range(50_000)] + [0.001, 5000.0]
+    for x in xs:
+        sketch.add(x)
+    xs.sort()
+    for q in (0.5, 0.9, 0.99):
+        exact = xs[int(q * len(xs))]
+        assert exact <= sketch.quantile(q) <= exact * 1.021, q
