@@ -51,6 +51,7 @@ import hmac
 import logging
 import math
 import os
+import sys
 import time
 import uuid
 from collections import OrderedDict
@@ -69,6 +70,7 @@ from prometheus_client import (
 )
 
 from pipelines.config import ServeConfig, load_config
+from pipelines.errors import AttnflowError
 
 log = logging.getLogger("attnflow.gateway")
 
@@ -662,7 +664,11 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m services.gateway --champion URL [--challenger URL --weight N]`."""
     import uvicorn
 
-    cfg = serve_config()
+    try:
+        cfg = serve_config()
+    except AttnflowError as exc:  # one line and exit 2, as every attnflow command does
+        sys.stderr.write(f"error: {exc}\n")
+        raise SystemExit(2) from None
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--host", default=cfg.host)
     p.add_argument("--port", type=int, default=cfg.gateway_port)
@@ -671,6 +677,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--weight", type=int, default=0)
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
+    try:
+        _check_weight(args.weight)
+    except ValueError as exc:
+        p.error(str(exc))
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
