@@ -107,13 +107,28 @@ def _kill_pid(pid: int, sig: int) -> None:
 
 
 def _reap(pids: list[int], timeout: float) -> list[int]:
-    """Wait for `pids` to exit; returns those still running."""
+    """Wait for `pids` to exit; returns those still running.
+
+    A zombie counts as gone: a worker whose arbiter died is reparented to init, which
+    may take its time to reap it, but it serves nothing any more.
+    """
     procs = []
     for pid in pids:
         with contextlib.suppress(psutil.Error):
             procs.append(psutil.Process(pid))
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    return [p.pid for p in alive]
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [p for p in procs if _running(p)]
+        if not alive or time.monotonic() > deadline:
+            return [p.pid for p in alive]
+        time.sleep(0.02)
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _stop(handles: list[Handle], timeout: float) -> None:
