@@ -43,11 +43,44 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _use_running_stack() -> None:
+    """When `attnflow up` runs a stack here, talk to its servers (unless told otherwise)."""
+    import json
+
+    run = Path(os.environ.get("ATTNFLOW_STATE_DIR") or ".attnflow") / "run"
+    stack = run / "stack.json"
+    if not stack.exists():
+        return
+    try:
+        components = json.loads(stack.read_text()).get("components", {})
+        secrets = (
+            json.loads((run / "secrets.json").read_text())
+            if (run / "secrets.json").exists()
+            else {}
+        )
+    except (OSError, json.JSONDecodeError):
+        return
+    for name, value in secrets.items():
+        os.environ.setdefault(name, value)
+
+    def alive(rec: dict | None) -> bool:
+        try:
+            return bool(rec) and os.kill(rec["pid"], 0) is None
+        except (OSError, KeyError):
+            return False
+
+    if alive(components.get("mlflow")):
+        os.environ.setdefault("MLFLOW_TRACKING_URI", components["mlflow"]["url"])
+    if alive(components.get("prefect")):
+        os.environ.setdefault("PREFECT_API_URL", components["prefect"]["url"] + "/api")
+
+
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     """attnflow: attention-flow data, models and rollouts, one stage at a time."""
     _setup_logging(verbose)
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    _use_running_stack()
 
 
 def _fail(exc: AttnflowError) -> None:
@@ -257,6 +290,123 @@ def demo() -> None:
     typer.echo(f"  metrics        {cfg.paths.reports_dir.resolve()}/")
     typer.echo(f"  Data Docs      file://{data_docs_index(cfg.paths.gx_root).resolve()}")
     typer.echo("  Prefect runs   ephemeral API this time; `prefect server start` keeps a UI")
+
+
+@app.command()
+def up() -> None:
+    """Start the local stack on 127.0.0.1: MLflow, Prefect, a worker, gateway, model service."""
+    from services.stack import LocalStack
+
+    with user_errors():
+        stack = LocalStack(Path("."))
+        urls = stack.up(progress=lambda msg: typer.echo(f"  {msg}..."))
+    _print_status(stack, urls)
+
+
+def _print_status(stack, urls: dict[str, str]) -> None:
+    rows = stack.status()
+    for r in rows:
+        state = "up" if r["alive"] else "DOWN"
+        extra = f" v{r['version']}" if r.get("version") else ""
+        typer.echo(f"  {r['name']:<18} {state:<5} pid {r['pid']:<7} {r['url']}{extra}")
+    typer.echo(f"\n  MLflow UI    {urls['mlflow']}")
+    typer.echo(f"  Prefect UI   {urls['prefect']}")
+    typer.echo(f"  gateway      {urls['gateway']}/recommend  (metrics: {urls['gateway']}/metrics)")
+    typer.echo(f"  logs         {stack.run_dir}/")
+
+
+@app.command()
+def status() -> None:
+    """Every component of the local stack: up or down, pid, URL."""
+    from services.stack import LocalStack
+
+    stack = LocalStack(Path("."))
+    if not stack.read()["components"]:
+        typer.echo("the stack is not running (start it with `attnflow up`)")
+        raise typer.Exit(1)
+    _print_status(stack, stack.urls())
+    if not all(r["alive"] for r in stack.status()):
+        raise typer.Exit(1)
+
+
+@app.command()
+def down() -> None:
+    """Stop every process of the local stack."""
+    from services.stack import LocalStack
+
+    stopped = LocalStack(Path(".")).down()
+    typer.echo(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+
+
+@app.command()
+def rollout(
+    version: Annotated[
+        str | None, typer.Option(help="Version to roll out (default: challenger).")
+    ] = None,
+    actor: Annotated[str, typer.Option(help="Who asked, for the alias history.")] = "cli",
+) -> None:
+    """Canary a version through the gateway; promote it or roll it back."""
+    from flows.rollout import rollout as rollout_flow
+
+    with user_errors():
+        report = rollout_flow(version=version, root=str(Path(".").resolve()), actor=actor)
+    typer.echo(
+        f"rollout: {report.get('status')}"
+        + (f" (v{report['version']}, report {report['report']})" if report.get("report") else "")
+    )
+
+
+@app.command()
+def rollback() -> None:
+    """Serve the previous champion again (kept on standby) and move `champion` back."""
+    from pipelines.registry import CHAMPION, set_alias
+    from pipelines.rollout import GatewayClient
+    from services.stack import LocalStack
+
+    with user_errors():
+        stack = LocalStack(Path("."))
+        new, old = stack.swap_standby()
+        GatewayClient(stack.gateway_url()).set_backends(new["url"], None)
+        set_alias(
+            CHAMPION,
+            new["version"],
+            "attnflow rollback",
+            f"rolled back from v{old['version']}",
+            root=Path("."),
+        )
+    typer.echo(f"champion is v{new['version']} again; v{old['version']} is on standby")
+
+
+@app.command()
+def reconcile() -> None:
+    """Start the rollout the aliases ask for, if serving does not match them."""
+    from flows.reconcile import reconcile as reconcile_flow
+
+    with user_errors():
+        out = reconcile_flow(root=str(Path(".").resolve()))
+    typer.echo(
+        f"reconcile: {out['action']}" + (f" ({out.get('reason')})" if out.get("reason") else "")
+    )
+
+
+@app.command()
+def report() -> None:
+    """The newest rollout report: each step's weight, checks and decision."""
+    from pipelines.registry import state_dir
+    from pipelines.rollout import latest_report
+
+    rep = latest_report(state_dir(Path(".")))
+    if rep is None:
+        typer.echo("no rollout has run yet")
+        return
+    typer.echo(
+        f"rollout of v{rep['version']} (champion v{rep['champion']}): {rep['status']}"
+        + (f" - {rep['reason']}" if rep.get("reason") else "")
+    )
+    for step in rep.get("steps", []):
+        typer.echo(f"  weight {step['weight']:>3}%  {'passed' if step['passed'] else 'FAILED'}")
+        for c in step["checks"]:
+            typer.echo(f"      {'ok ' if c['passed'] else 'BAD'} {c['name']:<14} {c['detail']}")
 
 
 @app.command("datasets")

@@ -1,14 +1,22 @@
-"""The retrain flow: the stages of `dvc.yaml` as Prefect tasks.
+"""The retrain flow: the dvc.yaml stages as Prefect tasks, then register, gate and roll out.
 
 The DAG is written once, in `dvc.yaml`; this flow reads it and runs each stage with
-`dvc repro --single-item`, so DVC decides what is up to date and Prefect adds
-retries, logs and the UI. DVC holds a repository lock, so stages run one at a time
-in topological order. Transient failures (a held DVC lock, a network blip) are
-retried with backoff; rejected data (a failed validation) is not, and stops the flow.
+`dvc repro --single-item`, so DVC decides what is up to date: a retrain that failed
+at a late stage resumes there when run again, because the earlier stages are
+skipped as unchanged (and registration is idempotent per training run). Prefect adds
+retries with backoff on transient errors, logs, the UI and a global concurrency
+limit (`dvc-repo`, limit 1) so two flows never touch the DVC repository at once.
+
+The `train` stage goes to the `gpu` work pool when a worker is online there (the
+`train-gpu` deployment) and runs here, on the `cpu` pool's worker, otherwise; the
+flow logs which. After the DVC stages: the trained model is registered and gated;
+the first model becomes champion and is served; a later one becomes challenger and
+is rolled out through the canary gateway when the serving stack is up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -20,6 +28,8 @@ from prefect.runtime import task_run
 
 from pipelines.errors import TransientError
 from pipelines.versioning import load_dag, repro_stage
+
+DVC_LIMIT = "dvc-repo"
 
 
 def retry_on_transient(task, task_run, state) -> bool:
@@ -33,6 +43,15 @@ def retry_on_transient(task, task_run, state) -> bool:
     return False
 
 
+def _dvc_slot():
+    """The global concurrency slot for the DVC repository (a no-op without a server)."""
+    if not os.environ.get("PREFECT_API_URL"):
+        return contextlib.nullcontext()
+    from prefect.concurrency.sync import concurrency
+
+    return concurrency(DVC_LIMIT, occupy=1, strict=False)
+
+
 @task(
     name="dvc-stage",
     task_run_name="{name}",
@@ -43,7 +62,8 @@ def retry_on_transient(task, task_run, state) -> bool:
 )
 def dvc_stage(name: str, root: str) -> dict[str, Any]:
     """Reproduce one dvc.yaml stage (skipped by DVC when nothing it depends on changed)."""
-    result = repro_stage(name, Path(root))
+    with _dvc_slot():
+        result = repro_stage(name, Path(root))
     result["attempts"] = task_run.run_count
     get_run_logger().info(
         "stage %s %s in %.1fs",
@@ -54,10 +74,130 @@ def dvc_stage(name: str, root: str) -> dict[str, Any]:
     return result
 
 
+@flow(name="train-stage")
+def train_stage(root: str = ".") -> dict[str, Any]:
+    """The train stage alone: what the `train-gpu` deployment runs on a gpu worker."""
+    return dvc_stage("train", root)
+
+
+def gpu_worker_online() -> bool:
+    """Whether the `gpu` work pool has a worker online (False without a Prefect server)."""
+    if not os.environ.get("PREFECT_API_URL"):
+        return False
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            workers = client.read_workers_for_work_pool("gpu")
+    except Exception:  # no such pool, server unreachable: train here
+        return False
+    return any(str(getattr(w, "status", "")).upper().endswith("ONLINE") for w in workers)
+
+
+def run_train(root: str) -> dict[str, Any]:
+    """Route the train stage: the gpu pool when a worker is online there, else here."""
+    log = get_run_logger()
+    if gpu_worker_online():
+        from prefect.deployments import run_deployment
+
+        log.info("train stage -> gpu work pool (a gpu worker is online)")
+        run = run_deployment("train-stage/train-gpu", parameters={"root": root})
+        if not run.state.is_completed():
+            raise RuntimeError(f"train on the gpu pool ended {run.state.name}")
+        result = run.state.result()
+        return {**result, "pool": "gpu"}
+    log.info("train stage -> cpu (no gpu worker online)")
+    return {**dvc_stage("train", root), "pool": "cpu"}
+
+
+@task(name="register", retries=2, retry_delay_seconds=[5, 20])
+def register_task(root: str) -> dict[str, Any]:
+    """Register and gate the trained model (once per training run)."""
+    import json
+
+    from pipelines.config import load_config
+    from pipelines.registry import register_candidate, registered_version_of_run
+
+    cfg = load_config(Path(root) / "params.yaml")
+    trained = json.loads((Path(root) / cfg.paths.reports_dir / "train.json").read_text())
+    existing = registered_version_of_run(trained["mlflow_run_id"], Path(root))
+    if existing is not None:
+        get_run_logger().info("run %s is already registered as v%s", trained["mlflow_run_id"],
+                              existing["version"])
+        return {**existing, "new": False}
+    out = register_candidate(cfg, Path(root), actor="retrain flow")
+    get_run_logger().info("v%s registered -> %s", out["version"], out["alias"])
+    return {**out, "new": True}
+
+
+@task(name="serve-champion")
+def serve_champion(root: str) -> dict[str, Any] | None:
+    """Make the serving stack serve the `champion` version (when the stack is up)."""
+    from services.stack import LocalStack
+
+    stack = LocalStack(Path(root))
+    if not stack.is_up():
+        get_run_logger().info("the serving stack is not up; `attnflow up` serves the champion")
+        return None
+    return stack.ensure_serving(progress=get_run_logger().info)
+
+
+def _apply_run_params(root: Path, dataset: str | None, data_since: str | None) -> None:
+    """Write the run's dataset / data-since into params.yaml (DVC tracks them there)."""
+    if dataset is None and data_since is None:
+        return
+    import yaml
+
+    path = root / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    if dataset is not None:
+        params["ingest"]["dataset"] = dataset
+    if data_since is not None:
+        params["ingest"]["since"] = data_since
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    get_run_logger().info("params.yaml: ingest.dataset=%s ingest.since=%s",
+                          params["ingest"]["dataset"], params["ingest"].get("since"))
+
+
 @flow(name="retrain")
-def retrain(root: str = ".", stages: list[str] | None = None) -> dict[str, Any]:
-    """Run the dvc.yaml stages in order (all, or only `stages`)."""
-    dag = load_dag(Path(root) / "dvc.yaml")
+def retrain(
+    root: str = ".",
+    stages: list[str] | None = None,
+    dataset: str | None = None,
+    data_since: str | None = None,
+    reason: str | None = None,
+    deploy: bool = True,
+) -> dict[str, Any]:
+    """Run the dvc.yaml stages (all, or only `stages`); then register, gate, serve, roll out."""
+    log = get_run_logger()
+    root_path = Path(root).resolve()
+    if reason:
+        log.info("retrain because: %s", reason)
+    _apply_run_params(root_path, dataset, data_since)
+    dag = load_dag(root_path / "dvc.yaml")
     selected = [s for s in dag if stages is None or s.name in stages]
-    results = [dvc_stage(s.name, root) for s in selected]
-    return {"stages": results}
+    results = []
+    for stage in selected:
+        if stage.name == "train":
+            results.append(run_train(str(root_path)))
+        else:
+            results.append(dvc_stage(stage.name, str(root_path)))
+    out: dict[str, Any] = {"stages": results}
+    if stages is not None or not deploy:
+        return out
+    reg = register_task(str(root_path))
+    out["registered"] = reg
+    if reg.get("alias") == "champion":
+        served = serve_champion(str(root_path))
+        out["served"] = served["version"] if served else None
+    elif reg.get("alias") == "challenger" and reg.get("new"):
+        from flows.rollout import rollout
+        from services.stack import LocalStack
+
+        if LocalStack(root_path).is_up():
+            out["rollout"] = rollout(version=reg["version"], root=str(root_path),
+                                     actor="retrain flow")
+        else:
+            log.info("v%s is challenger; the stack is not up, so no rollout now "
+                     "(the reconciler starts it once the stack runs)", reg["version"])
+    return out

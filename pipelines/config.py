@@ -96,7 +96,9 @@ class IngestConfig(Section):
     dwell_cap_s: float = Field(1800.0, gt=0)  # session gaps above this are not dwell
     eventlog: EventLogConfig = Field(default_factory=EventLogConfig)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
-    feedback_log: Path | None = None  # served feedback appended to the events (JSONL)
+    # served feedback: every *.jsonl log in this folder is appended to the events
+    feedback_dir: Path | None = Path("data/feedback")
+    since: str | None = None  # keep events at or after this ISO timestamp (data since)
 
 
 class DriftConfig(Section):
@@ -163,6 +165,7 @@ class SplitConfig(Section):
     """Stage `split`: sequences and leave-one-out train / valid / test."""
 
     event_types: list[str] | None = None  # keep only these events (None: all)
+    exclude_events: list[str] = Field(default_factory=lambda: ["impression"])  # shown, not attended
     repeat_policy: Literal["keep_all", "keep_first", "collapse_consecutive"] = "keep_first"
     min_user_events: int = Field(5, ge=1)  # k-core on users
     min_item_events: int = Field(5, ge=1)  # k-core on items
@@ -229,8 +232,13 @@ class TrainConfig(Section):
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(0, ge=0)  # linear learning-rate warm-up (post-LN BERT needs it)
     weight_decay: float = Field(0.0, ge=0)
-    loss: Literal["full", "sampled"] = "full"  # full softmax CE | sampled softmax
-    negatives: int = Field(1024, ge=1)  # sampled loss: shared uniform negatives per batch
+    # full softmax CE | sampled softmax (shared negatives) | bce (SASRec's: per-position negatives)
+    loss: Literal["full", "sampled", "bce"] = "full"
+    negatives: int = Field(1024, ge=1)  # sampled: shared per batch; bce: per target position
+    # sampled loss: negatives drawn uniformly, or by training frequency ** alpha (with logQ)
+    negative_sampling: Literal["uniform", "popularity"] = "uniform"
+    popularity_alpha: float = Field(0.75, ge=0, le=1)
+    logq_correction: bool = True  # popularity sampling: correct logits by log q (unbiased)
     weight_loss: bool = False  # weight each target by its attention weight
     # each epoch, long sequences contribute a random window instead of their latest one
     random_windows: bool = False
@@ -284,7 +292,10 @@ class ServeConfig(Section):
     max_k: int = Field(100, ge=1)
     max_batch_size: int = Field(64, ge=1)  # adaptive batching
     max_latency_ms: int = Field(50, ge=1)
-    feedback_log: Path = Path("data/feedback/events.jsonl")
+    feedback_log: Path = Path("data/feedback/served.jsonl")
+    mlflow_port: int = Field(5000, ge=1, le=65535)  # `attnflow up`: the MLflow server
+    prefect_port: int = Field(4200, ge=1, le=65535)  # `attnflow up`: the Prefect server
+    webhook_port: int = Field(8090, ge=1, le=65535)  # `attnflow up`: the webhook receiver
     health_interval_s: float = Field(0.5, gt=0)  # gateway readiness probes
     upstream_timeout_s: float = Field(2.0, gt=0)
     max_body_bytes: int = Field(1_000_000, ge=1024)  # larger request bodies are refused (413)
@@ -308,6 +319,8 @@ class RolloutConfig(Section):
     min_agreement: float = Field(0.2, ge=0, le=1)  # mean overlap@k with the champion
     min_feedback: int = Field(200, ge=0)  # impressions per variant before CTR is judged
     min_ctr_ratio: float = Field(0.8, ge=0)  # challenger CTR vs champion CTR
+    # requests/s replayed through the gateway during each bake (dev, demo); 0: live traffic only
+    replay_rps: float = Field(0.0, ge=0)
 
 
 class Config(Section):

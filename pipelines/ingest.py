@@ -19,13 +19,18 @@ from pipelines.events import atomic_path, coerce_events, write_json
 log = logging.getLogger(__name__)
 
 
-def read_feedback(path: Path) -> pd.DataFrame | None:
-    """Served feedback (JSONL of canonical events) appended to the source, if present."""
-    if not path.exists() or path.stat().st_size == 0:
+def read_feedback(folder: Path) -> pd.DataFrame | None:
+    """Served feedback: every `*.jsonl` log in `folder`, in canonical columns (None if none)."""
+    from pipelines.feedback import read_log
+
+    frames = [
+        df for path in sorted(Path(folder).glob("*.jsonl")) if (df := read_log(path)) is not None
+    ]
+    if not frames:
         return None
-    df = pd.read_json(path, lines=True, dtype={"user_id": "str", "item_id": "str"})
-    if df.empty:
-        return None
+    df = pd.concat(frames, ignore_index=True)
+    if "event_id" in df:  # a retried batch written twice counts once
+        df = df.drop_duplicates("event_id")
     return coerce_events(df, ts_unit="iso")
 
 
@@ -51,8 +56,13 @@ def ingest(cfg: Config, root: Path = Path(".")) -> tuple[pd.DataFrame, pd.DataFr
     log.info("read %s: %s", cfg.ingest.dataset, {k: len(v) for k, v in source.frames.items()})
     validate_raw(root / cfg.paths.gx_root, source.name, source.frames, source.schema)
     events, items = source.to_canonical()
-    if cfg.ingest.feedback_log is not None:
-        feedback = read_feedback(root / cfg.ingest.feedback_log)
+    if cfg.ingest.since:
+        since = pd.Timestamp(cfg.ingest.since)
+        since = since.tz_localize("UTC") if since.tzinfo is None else since.tz_convert("UTC")
+        events = events[events["ts"] >= since].reset_index(drop=True)
+        log.info("kept %d events since %s", len(events), since)
+    if cfg.ingest.feedback_dir is not None:
+        feedback = read_feedback(root / cfg.ingest.feedback_dir)
         if feedback is not None:
             log.info("appending %d served feedback events", len(feedback))
             events = pd.concat([events, feedback], ignore_index=True)

@@ -235,31 +235,53 @@ def softmax_loss(
     weight_loss: bool = False,
     generator: torch.Generator | None = None,
     text_table: torch.Tensor | None = None,
+    neg_probs: torch.Tensor | None = None,
+    logq: bool = True,
 ) -> torch.Tensor:
     """Cross-entropy of the next (causal) or masked-out (masked) item at every target.
 
     full: softmax over all known items. sampled: over the target and `negatives`
-    uniform items shared by the batch (accidental hits masked out).
+    items shared by the batch, drawn uniformly or, with `neg_probs` (n_items + 1,),
+    from that distribution with the logQ correction that keeps the estimate unbiased;
+    accidental hits are masked out. bce: SASRec's logistic loss, each target against
+    `negatives` uniform items of its own.
     """
     hidden, _ = encoder(batch, text_table)  # (B, L, d)
-    targets = batch.targets
-    sel = targets > 0
-    h = hidden[sel]  # (N, d)
-    t = targets[sel]  # (N,)
+    sel = batch.targets > 0
+    h = hidden[sel]  # (N, d) states at target positions
+    t = batch.targets[sel]  # (N,)
     n_items = encoder.spec.n_items
+    pos = (h * encoder.item_vectors(t, text_table)).sum(-1) + encoder.bias(t)  # (N,)
     if loss == "full":
         table = encoder.item_vectors(text_table=text_table)[1 : n_items + 1]  # (n_items, d)
         bias = encoder.bias()
         logits = h @ table.T + (bias[1 : n_items + 1] if torch.is_tensor(bias) else 0.0)
-        labels = t - 1
+        per_target = nn.functional.cross_entropy(logits.float(), t - 1, reduction="none")
+    elif loss == "bce":
+        neg = torch.randint(1, n_items + 1, (len(t), negatives), generator=generator).to(h.device)
+        neg_logits = torch.einsum("nd,nkd->nk", h, encoder.item_vectors(neg, text_table))
+        neg_logits = neg_logits + encoder.bias(neg)  # (N, K)
+        bce = nn.functional.binary_cross_entropy_with_logits
+        per_target = bce(pos.float(), torch.ones_like(pos, dtype=torch.float), reduction="none")
+        per_target = per_target + bce(
+            neg_logits.float(), torch.zeros_like(neg_logits, dtype=torch.float), reduction="none"
+        ).mean(1)
     else:
-        neg = torch.randint(1, n_items + 1, (negatives,), generator=generator).to(h.device)
-        pos = (h * encoder.item_vectors(t, text_table)).sum(-1) + encoder.bias(t)  # (N,)
+        if neg_probs is None:
+            neg = torch.randint(1, n_items + 1, (negatives,), generator=generator).to(h.device)
+        else:
+            neg = torch.multinomial(neg_probs, negatives, replacement=True, generator=generator).to(
+                h.device
+            )
         neg_logits = h @ encoder.item_vectors(neg, text_table).T + encoder.bias(neg)  # (N, K)
+        if neg_probs is not None and logq:  # logQ correction: subtract log(K q(item))
+            log_q = torch.log(neg_probs.to(h.device) * negatives)
+            pos = pos - log_q[t]
+            neg_logits = neg_logits - log_q[neg]
         neg_logits = neg_logits.masked_fill(neg.unsqueeze(0) == t.unsqueeze(1), float("-inf"))
         logits = torch.cat([pos.unsqueeze(1), neg_logits], dim=1)
         labels = torch.zeros(len(t), dtype=torch.long, device=h.device)
-    per_target = nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+        per_target = nn.functional.cross_entropy(logits.float(), labels, reduction="none")
     if weight_loss and batch.target_weights is not None:
         w = batch.target_weights[sel].float()
         return (per_target * w).sum() / w.sum().clamp(min=1e-6)

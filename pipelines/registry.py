@@ -329,3 +329,21 @@ def register_candidate(
         )
         out["alias"] = CHALLENGER
     return out
+
+
+def registered_version_of_run(run_id: str, root: Path = Path("."),
+                              name: str | None = None) -> dict[str, Any] | None:
+    """The version already registered from training run `run_id`, with its alias, if any."""
+    from mlflow.exceptions import MlflowException
+
+    name = name or model_name()
+    try:
+        found = _client(root).search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    except MlflowException:
+        return None
+    if not found:
+        return None
+    mv = max(found, key=lambda v: int(v.version))
+    now = {v: a for a, v in aliases(name, root).items()}
+    return {"version": str(mv.version), "alias": now.get(str(mv.version)),
+            "gate_passed": mv.tags.get("gate.passed")}

@@ -90,6 +90,8 @@ def build_sequences(
     """(sequences, users map, items map) from canonical events and items."""
     if cfg.event_types is not None:
         events = events[events["event"].isin(cfg.event_types)]
+    if cfg.exclude_events:
+        events = events[~events["event"].isin(cfg.exclude_events)]
     events = events.drop_duplicates()
     events = events.assign(_order=np.arange(len(events)))
     events = events.sort_values(["user_id", "ts", "_order"], kind="stable")

@@ -271,6 +271,11 @@ def train_model(
         else nullcontext()
     )
 
+    neg_probs = (
+        negative_distribution(data, tcfg.popularity_alpha)
+        if tcfg.loss == "sampled" and tcfg.negative_sampling == "popularity"
+        else None
+    )
     lengths = data.train.lengths()
     min_len = 2 if mcfg.objective == "causal" else 1
     train_users = np.flatnonzero(lengths >= min_len)
@@ -392,11 +397,11 @@ def train_model(
                 else None
             )
             with autocast:
-                loss = _loss(model, encoder, batch, tcfg, neg_gen, text_table)
+                loss = _loss(model, encoder, batch, tcfg, neg_gen, text_table, neg_probs)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if tcfg.adversarial_eps > 0:
-                _fgm_step(model, encoder, batch, tcfg, neg_gen, text_table, autocast)
+                _fgm_step(model, encoder, batch, tcfg, neg_gen, text_table, autocast, neg_probs)
             optimizer.step()
             scheduler.step()
             losses.append(float(loss.detach()))
@@ -454,10 +459,21 @@ def train_model(
     return result
 
 
-def _loss(model, encoder, batch, tcfg, gen, text_table) -> torch.Tensor:
+def _loss(model, encoder, batch, tcfg, gen, text_table, neg_probs=None) -> torch.Tensor:
     # Through the DDP wrapper when there is one, so that gradients are all-reduced.
     runner = encoder if model is encoder else _DDPEncoderView(model, encoder)
-    return softmax_loss(runner, batch, tcfg.loss, tcfg.negatives, tcfg.weight_loss, gen, text_table)
+    return softmax_loss(
+        runner, batch, tcfg.loss, tcfg.negatives, tcfg.weight_loss, gen, text_table, neg_probs,
+        tcfg.logq_correction,
+    )
+
+
+def negative_distribution(data: SplitData, alpha: float) -> torch.Tensor:
+    """(n_items + 1,) sampling probabilities: training frequency ** alpha (index 0 never)."""
+    counts = np.bincount(data.train.items, minlength=data.n_items + 1)[: data.n_items + 1]
+    probs = (counts.astype(np.float64) + 1.0) ** alpha
+    probs[0] = 0.0
+    return torch.from_numpy(probs / probs.sum()).float()
 
 
 class _DDPEncoderView:
@@ -478,7 +494,7 @@ class _DDPEncoderView:
         return self._encoder.bias(idx)
 
 
-def _fgm_step(model, encoder, batch, tcfg, gen, text_table, autocast) -> None:
+def _fgm_step(model, encoder, batch, tcfg, gen, text_table, autocast, neg_probs=None) -> None:
     """FGM: perturb the item embeddings along their gradient, add the adversarial loss."""
     emb = encoder.item_emb.weight
     if emb.grad is None:
@@ -490,7 +506,7 @@ def _fgm_step(model, encoder, batch, tcfg, gen, text_table, autocast) -> None:
     with torch.no_grad():
         emb.add_(r)
     with autocast:
-        adv = _loss(model, encoder, batch, tcfg, gen, text_table)
+        adv = _loss(model, encoder, batch, tcfg, gen, text_table, neg_probs)
     adv.backward()
     with torch.no_grad():
         emb.sub_(r)
@@ -533,7 +549,16 @@ def lineage_for(cfg: Config, root: Path, data: SplitData) -> dict[str, Any]:
     counts = np.bincount(data.train.items, minlength=data.n_items + 1)[1 : data.n_items + 1]
     ids = data.items.sort_values("item_idx")["item_id"].tolist()
     popular = [ids[i] for i in np.argsort(-counts, kind="stable")[:100]]
+    profile = None
+    ingested = root / cfg.paths.ingested_dir / "events.parquet"
+    if ingested.exists():  # what the drift check compares newer data versions against
+        import pandas as pd
+
+        from pipelines.expectations import profile_events
+
+        profile = profile_events(pd.read_parquet(ingested), cfg.validate_.drift.top_items)
     return {
+        "data_profile": profile,
         "git_commit": commit,
         "git_dirty": dirty,
         "dvc_data_hash": data_hash(root, str(cfg.paths.split_dir)),

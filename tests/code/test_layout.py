@@ -29,11 +29,10 @@ def test_pipelines_import_neither_prefect_nor_bentoml_nor_upper_layers(path):
     assert not (_imports(path) & FORBIDDEN_IN_PIPELINES)
 
 
-@pytest.mark.parametrize("layer", ["flows", "services"])
-def test_flows_and_services_do_not_import_each_other(layer):
-    other = {"flows": "services", "services": "flows"}[layer]
-    for path in (REPO / layer).rglob("*.py"):
-        assert other not in _imports(path), path
+def test_services_do_not_import_flows():
+    # Flows may start and stop services (the rollout flow does); services never run flows.
+    for path in (REPO / "services").rglob("*.py"):
+        assert "flows" not in _imports(path), path
 
 
 def test_importing_pipelines_does_no_work_and_loads_no_heavy_library():

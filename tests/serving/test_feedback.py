@@ -40,7 +40,7 @@ def test_append_writes_canonical_records_that_ingest_reads(tmp_path):
     assert lines[1]["ts"] == "2024-05-01T10:00:00.000000+00:00"
     assert lines[2]["ts"] == "2024-05-01T12:00:00.000000+00:00"
 
-    events = read_feedback(path)  # the ingest stage's reader
+    events = read_feedback(path.parent)  # the ingest stage's reader: every log in the folder
     assert list(events["user_id"]) == ["u1", "u2", "u3"]
     assert list(events["event"]) == ["click", "impression", "rate"]
     assert events.loc[0, "dwell_s"] == 4.5 and events.loc[2, "value"] == 4.0

@@ -1,0 +1,469 @@
+"""The local stack: every process `attnflow up` starts, and who serves which model version.
+
+State lives in `<state>/run/stack.json` (pids, ports, URLs, logs) so that separate
+commands (`attnflow up`, `status`, `down`, `rollback`, the rollout flow) act on the
+same processes. Every process runs in its own process group and is stopped with its
+descendants, so `attnflow down` leaves nothing behind.
+
+Roles of model services: `champion` (serving), `challenger` (in a canary) and
+`standby` (the previous champion, kept warm for `attnflow rollback`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from pipelines.config import load_config
+from pipelines.errors import AttnflowError
+from pipelines.registry import CHALLENGER, CHAMPION, state_dir
+from services.launch import Handle, free_port, spawn, start_gateway, start_model_service
+
+log = logging.getLogger(__name__)
+
+STANDBY = "standby"
+SECRET_ENVS = ("ATTNFLOW_ADMIN_TOKEN", "ATTNFLOW_WEBHOOK_SECRET")
+
+
+class StackError(AttnflowError):
+    """The stack is not in the state a command needs (not up, no champion, ...)."""
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def stop_pids(pids: list[int], timeout: float = 15.0) -> None:
+    """SIGTERM each pid's process group and the pids themselves; SIGKILL what outlives it."""
+    pids = [p for p in pids if p]
+    for pid in pids:
+        for target in (
+            lambda p: os.killpg(p, signal.SIGTERM),
+            lambda p: os.kill(p, signal.SIGTERM),
+        ):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                target(pid)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    for pid in pids:
+        if _alive(pid):
+            for target in (
+                lambda p: os.killpg(p, signal.SIGKILL),
+                lambda p: os.kill(p, signal.SIGKILL),
+            ):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    target(pid)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+
+
+def _record(handle: Handle, **extra: Any) -> dict[str, Any]:
+    return {
+        "pid": handle.pid,
+        "pids": handle.descendants(),
+        "url": handle.url,
+        "port": handle.port,
+        "log": str(handle.log_path),
+        **extra,
+    }
+
+
+class Stack:
+    """Reads and changes the local stack of one project folder."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root).resolve()
+        self.run_dir = state_dir(self.root) / "run"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.file = self.run_dir / "stack.json"
+        self.cfg = load_config(self.root / "params.yaml")
+
+    # --- state -------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[dict[str, Any]]:
+        """The state, read and written back under an exclusive lock."""
+        with open(self.run_dir / "stack.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            state = self.read()
+            yield state
+            tmp = self.file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(state, indent=2))
+            tmp.replace(self.file)
+
+    def read(self) -> dict[str, Any]:
+        """The recorded state: {"components": {...}, "models": {role: {...}}}."""
+        if not self.file.exists():
+            return {"components": {}, "models": {}}
+        return json.loads(self.file.read_text())
+
+    def is_up(self) -> bool:
+        """Whether the gateway of this stack is running."""
+        gw = self.read()["components"].get("gateway")
+        return bool(gw and _alive(gw["pid"]))
+
+    def gateway_url(self) -> str:
+        gw = self.read()["components"].get("gateway")
+        if not gw or not _alive(gw["pid"]):
+            raise StackError("the gateway is not running: start the stack with `attnflow up`")
+        return gw["url"]
+
+    def served(self) -> dict[str, dict[str, Any]]:
+        """Model services that are running, by role."""
+        return {role: m for role, m in self.read()["models"].items() if _alive(m["pid"])}
+
+    def component(self, name: str) -> dict[str, Any] | None:
+        return self.read()["components"].get(name)
+
+    # --- secrets for the local stack ---------------------------------------------------------
+
+    def secrets(self) -> dict[str, str]:
+        """Admin token and webhook secret: from the environment, else generated once.
+
+        Generated values are kept in `<state>/run/secrets.json` (mode 0600) so that the
+        local stack's processes and CLI agree; deployments set them in the environment.
+        """
+        path = self.run_dir / "secrets.json"
+        stored = json.loads(path.read_text()) if path.exists() else {}
+        out = {}
+        for name in SECRET_ENVS:
+            out[name] = os.environ.get(name) or stored.get(name) or secrets.token_urlsafe(32)
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                json.dump(out, fh)
+        return out
+
+    # --- processes ---------------------------------------------------------------------------
+
+    def add_component(self, name: str, handle: Handle, **extra: Any) -> dict[str, Any]:
+        rec = _record(handle, **extra)
+        with self._locked() as state:
+            state["components"][name] = rec
+        return rec
+
+    def spawn_component(
+        self, name: str, cmd: list[str], port: int, env: dict[str, str] | None = None
+    ) -> Handle:
+        """Start a long-running process of the stack (logs and pid in the run folder)."""
+        handle = spawn(name, cmd, port, self.cfg.serve.host, env, self.run_dir)
+        self.add_component(name, handle)
+        return handle
+
+    def start_gateway(self, champion_url: str) -> dict[str, Any]:
+        """The canary gateway on `serve.gateway_port`, in front of `champion_url`."""
+        handle = start_gateway(
+            champion_url,
+            port=self.cfg.serve.gateway_port,
+            host=self.cfg.serve.host,
+            admin_token=self.secrets()["ATTNFLOW_ADMIN_TOKEN"],
+            log_dir=self.run_dir,
+        )
+        return self.add_component("gateway", handle)
+
+    def start_model(self, version: str, folder: str, role: str) -> dict[str, Any]:
+        """A model service for registry `version` in `role`; replaces that role's.
+
+        The service is given the pinned URI (`models:/<name>/<version>`), so it reports
+        its version; `folder` is where that version was already fetched to.
+        """
+        from pipelines.registry import model_name
+
+        old = self.read()["models"].get(role)
+        handle = start_model_service(
+            f"models:/{model_name()}/{version}",
+            port=free_port(self.cfg.serve.host),
+            host=self.cfg.serve.host,
+            variant=role,
+            feedback_log=self.root / self.cfg.serve.feedback_log,
+            env={
+                "ATTNFLOW_ROOT": str(self.root),
+                "ATTNFLOW_PARAMS": str(self.root / "params.yaml"),
+            },
+            log_dir=self.run_dir,
+        )
+        rec = _record(handle, version=str(version), folder=str(folder), role=role)
+        with self._locked() as state:
+            state["models"][role] = rec
+        if old and old["pid"] != rec["pid"]:
+            stop_pids([old["pid"], *old.get("pids", [])])
+        return rec
+
+    def stop_role(self, role: str) -> None:
+        """Stop the model service in `role`, if any."""
+        with self._locked() as state:
+            rec = state["models"].pop(role, None)
+        if rec:
+            stop_pids([rec["pid"], *rec.get("pids", [])])
+
+    def promote(self, version: str) -> None:
+        """challenger -> champion, old champion -> standby (the older standby stops)."""
+        with self._locked() as state:
+            models = state["models"]
+            if models.get(CHALLENGER, {}).get("version") != str(version):
+                raise StackError(f"v{version} is not the running challenger")
+            old_standby = models.pop(STANDBY, None)
+            if CHAMPION in models:
+                models[STANDBY] = {**models[CHAMPION], "role": STANDBY}
+            models[CHAMPION] = {**models.pop(CHALLENGER), "role": CHAMPION}
+        if old_standby:
+            stop_pids([old_standby["pid"], *old_standby.get("pids", [])])
+
+    def swap_standby(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """standby <-> champion (for rollback); returns (new champion, new standby)."""
+        with self._locked() as state:
+            models = state["models"]
+            standby = models.get(STANDBY)
+            if not standby or not _alive(standby["pid"]):
+                raise StackError("no previous champion is on standby to roll back to")
+            champion = models[CHAMPION]
+            models[CHAMPION] = {**standby, "role": CHAMPION}
+            models[STANDBY] = {**champion, "role": STANDBY}
+            return models[CHAMPION], models[STANDBY]
+
+    def status(self) -> list[dict[str, Any]]:
+        """Every recorded process with whether it is alive."""
+        state = self.read()
+        rows = [{"name": n, **c, "alive": _alive(c["pid"])} for n, c in state["components"].items()]
+        rows += [
+            {"name": f"model:{r}", **m, "alive": _alive(m["pid"])}
+            for r, m in state["models"].items()
+        ]
+        return rows
+
+    def down(self) -> list[str]:
+        """Stop every process of the stack (models first, then the rest, newest first)."""
+        state = self.read()
+        stopped = []
+        for role, rec in list(state["models"].items()):
+            stop_pids([rec["pid"], *rec.get("pids", [])])
+            stopped.append(f"model:{role}")
+        for name, rec in reversed(list(state["components"].items())):
+            stop_pids([rec["pid"], *rec.get("pids", [])])
+            stopped.append(name)
+        with self._locked() as st:
+            st["components"], st["models"] = {}, {}
+        return stopped
+
+
+def python() -> str:
+    """The interpreter the stack's Python processes run with."""
+    return sys.executable
+
+
+# --- attnflow up ---------------------------------------------------------------------------
+
+
+def _wait_http(url: str, timeout: float, what: str, handle: Handle | None = None) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if handle is not None and not handle.alive():
+            raise StackError(f"{what} exited; log {handle.log_path}:\n{handle.log_tail(15)}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.3)
+    raise StackError(f"{what} did not answer {url} within {timeout:.0f} s")
+
+
+class LocalStack(Stack):
+    """`attnflow up`: MLflow, Prefect (server, pools, deployments, a cpu worker), the
+    webhook receiver, the canary gateway and the champion's model service."""
+
+    def urls(self) -> dict[str, str]:
+        h, s = self.cfg.serve.host, self.cfg.serve
+        return {
+            "mlflow": f"http://{h}:{s.mlflow_port}",
+            "prefect": f"http://{h}:{s.prefect_port}",
+            "prefect_api": f"http://{h}:{s.prefect_port}/api",
+            "gateway": f"http://{h}:{s.gateway_port}",
+            "webhook": f"http://{h}:{s.webhook_port}/webhook",
+        }
+
+    def env(self) -> dict[str, str]:
+        """What every process of the stack (and the CLI talking to it) needs."""
+        urls = self.urls()
+        return {
+            "MLFLOW_TRACKING_URI": urls["mlflow"],
+            "PREFECT_API_URL": urls["prefect_api"],
+            "PREFECT_HOME": str(state_dir(self.root) / "prefect"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "ATTNFLOW_ROOT": str(self.root),
+            "ATTNFLOW_STATE_DIR": str(state_dir(self.root)),
+            **self.secrets(),
+        }
+
+    def _running(self, name: str) -> bool:
+        rec = self.component(name)
+        return bool(rec and _alive(rec["pid"]))
+
+    def _cli(self, *args: str, check: bool = True) -> None:
+        import subprocess
+
+        env = {**os.environ, **self.env()}
+        proc = subprocess.run(
+            [str(Path(sys.executable).parent / "prefect"), *args],
+            cwd=self.root,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        if check and proc.returncode != 0:
+            raise StackError(
+                f"prefect {' '.join(args)} failed: "
+                f"{(proc.stderr or proc.stdout).strip().splitlines()[-1:]}"
+            )
+
+    def up(self, progress=lambda msg: None) -> dict[str, str]:
+        """Start whatever part of the stack is not running; returns the URLs."""
+        urls, env, state = self.urls(), self.env(), state_dir(self.root)
+        s = self.cfg.serve
+        os.environ.update(env)  # this process talks to the servers it starts
+        if not self._running("mlflow"):
+            progress("starting the MLflow server")
+            h = self.spawn_component(
+                "mlflow",
+                [
+                    python(),
+                    "-m",
+                    "mlflow",
+                    "server",
+                    "--backend-store-uri",
+                    f"sqlite:///{state / 'mlflow.db'}",
+                    "--artifacts-destination",
+                    str(state / "mlartifacts"),
+                    "--host",
+                    s.host,
+                    "--port",
+                    str(s.mlflow_port),
+                    "--workers",
+                    "1",
+                ],
+                s.mlflow_port,
+                env={**env, "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true"},
+            )
+            _wait_http(f"{urls['mlflow']}/health", 120, "the MLflow server", h)
+        if not self._running("prefect"):
+            progress("starting the Prefect server")
+            h = self.spawn_component(
+                "prefect",
+                [
+                    str(Path(sys.executable).parent / "prefect"),
+                    "server",
+                    "start",
+                    "--host",
+                    s.host,
+                    "--port",
+                    str(s.prefect_port),
+                ],
+                s.prefect_port,
+                env={**env, "PREFECT_API_URL": ""},
+            )
+            _wait_http(f"{urls['prefect_api']}/health", 180, "the Prefect server", h)
+            progress("creating work pools and deployments")
+            for pool in ("cpu", "gpu"):
+                self._cli("work-pool", "create", pool, "--type", "process", "--overwrite")
+            self._cli("gcl", "create", "dvc-repo", "--limit", "1", check=False)
+            self._cli(
+                "--no-prompt", "deploy", "--all", "--prefect-file", str(self.root / "prefect.yaml")
+            )
+        if not self._running("worker-cpu"):
+            progress("starting a process worker for the cpu pool")
+            self.spawn_component(
+                "worker-cpu",
+                [
+                    str(Path(sys.executable).parent / "prefect"),
+                    "worker",
+                    "start",
+                    "--pool",
+                    "cpu",
+                    "--type",
+                    "process",
+                ],
+                0,
+                env=env,
+            )
+        if not self._running("webhook"):
+            progress("starting the MLflow webhook receiver")
+            h = self.spawn_component(
+                "webhook",
+                [
+                    python(),
+                    "-m",
+                    "services.webhook",
+                    "--host",
+                    s.host,
+                    "--port",
+                    str(s.webhook_port),
+                ],
+                s.webhook_port,
+                env=env,
+            )
+            _wait_http(f"http://{s.host}:{s.webhook_port}/livez", 60, "the webhook receiver", h)
+            register_webhook(self.root, urls["webhook"], env["ATTNFLOW_WEBHOOK_SECRET"])
+        self.ensure_serving(progress)
+        return urls
+
+    def ensure_serving(self, progress=lambda msg: None) -> dict[str, Any] | None:
+        """The gateway up, and the `champion` alias's version served behind it."""
+        from pipelines.registry import fetch_model, get_alias, model_name
+        from pipelines.rollout import GatewayClient
+
+        champion = get_alias(CHAMPION, root=self.root)
+        served = self.served().get(CHAMPION)
+        if champion is not None and (served is None or served["version"] != champion):
+            progress(f"starting the model service for champion v{champion}")
+            fetched = fetch_model(f"models:/{model_name()}/{champion}", self.root)
+            served = self.start_model(champion, str(fetched.folder), CHAMPION)
+        placeholder = f"http://{self.cfg.serve.host}:{self.cfg.serve.champion_port}"
+        if not self._running("gateway"):
+            progress("starting the canary gateway")
+            self.start_gateway(served["url"] if served else placeholder)
+        elif served is not None:
+            gw = GatewayClient(self.gateway_url(), self.secrets()["ATTNFLOW_ADMIN_TOKEN"])
+            if (gw.state().get("backends") or {}).get(CHAMPION, {}).get("url") != served["url"]:
+                gw.set_backends(served["url"], None)
+        return served
+
+
+def register_webhook(root: Path, url: str, secret: str) -> None:
+    """(Re)create the MLflow registry webhook that posts alias changes to the receiver."""
+    from pipelines.tracking import client
+
+    mlc = client(root)
+    for hook in mlc.list_webhooks():
+        if hook.name == "attnflow-rollout":
+            mlc.delete_webhook(hook.webhook_id)
+    mlc.create_webhook(
+        name="attnflow-rollout",
+        url=url,
+        secret=secret,
+        events=["model_version_alias.created"],
+        description="alias moves start a canary rollout (attnflow)",
+    )
