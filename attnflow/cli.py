@@ -80,6 +80,9 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> N
     """attnflow: attention-flow data, models and rollouts, one stage at a time."""
     _setup_logging(verbose)
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # a busy small machine can take longer than Prefect's default to start its local API
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     _use_running_stack()
 
 

@@ -43,13 +43,18 @@ def sample_negatives(
     histories: list[np.ndarray], targets: np.ndarray, n_items: int, k: int, seed: int
 ) -> np.ndarray:
     """SASRec's protocol: per user, `k` items drawn uniformly from 1..n_items that the
-    user never interacted with (history or target), with a fixed seed."""
+    user never interacted with (history or target), with a fixed seed. (A catalogue
+    with fewer than `k` unseen items gives repeats; only toy data is that small.)"""
     rng = np.random.default_rng(seed)
     out = np.empty((len(targets), k), dtype=np.int64)
     for u, (hist, t) in enumerate(zip(histories, targets, strict=True)):
         seen = np.union1d(hist, [t])
         if n_items - len(seen) < k:
-            raise ValueError(f"user {u} has seen too many items to sample {k} negatives")
+            # a catalogue too small for k distinct unseen items (toy data): draw the
+            # unseen ones with replacement rather than fail
+            unseen = np.setdiff1d(np.arange(1, n_items + 1), seen)
+            out[u] = rng.choice(unseen, size=k, replace=True) if len(unseen) else t
+            continue
         draws = rng.integers(1, n_items + 1, size=2 * k + 8)
         draws = draws[~np.isin(draws, seen)]
         while len(draws) < k:

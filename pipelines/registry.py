@@ -235,8 +235,11 @@ def register(
         mlc.get_registered_model(name)
     except MlflowException:
         mlc.create_registered_model(name, description="attnflow attention-flow Transformer")
+    # A tracking server wants the logged model's id with a models:/<model id> source.
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
     mv = mlc.create_model_version(
-        name, model_uri, run_id=run_id, tags={k: str(v)[:5000] for k, v in tags.items()}
+        name, model_uri, run_id=run_id, tags={k: str(v)[:5000] for k, v in tags.items()},
+        model_id=model_id,
     )
     return str(mv.version)
 

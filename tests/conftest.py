@@ -22,6 +22,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # each test project keeps its own store
 os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
+# A loaded 2-core machine can take longer than Prefect's default to start its API.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="attnflow-prefect-"))
 
 
