@@ -11,6 +11,7 @@ Roles of model services: `champion` (serving), `challenger` (in a canary) and
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import json
@@ -34,7 +35,8 @@ from services.launch import Handle, free_port, spawn, start_gateway, start_model
 log = logging.getLogger(__name__)
 
 STANDBY = "standby"
-SECRET_ENVS = ("ATTNFLOW_ADMIN_TOKEN", "ATTNFLOW_WEBHOOK_SECRET")
+SECRET_ENVS = ("ATTNFLOW_ADMIN_TOKEN", "ATTNFLOW_WEBHOOK_SECRET",
+               "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY")
 
 
 class StackError(AttnflowError):
@@ -147,7 +149,10 @@ class Stack:
         stored = json.loads(path.read_text()) if path.exists() else {}
         out = {}
         for name in SECRET_ENVS:
-            out[name] = os.environ.get(name) or stored.get(name) or secrets.token_urlsafe(32)
+            # MLflow encrypts stored webhook secrets with a Fernet key (32 url-safe bytes)
+            fresh = (base64.urlsafe_b64encode(os.urandom(32)).decode()
+                     if name.startswith("MLFLOW_") else secrets.token_urlsafe(32))
+            out[name] = os.environ.get(name) or stored.get(name) or fresh
         if not path.exists():
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as fh:
@@ -290,6 +295,14 @@ def _wait_http(url: str, timeout: float, what: str, handle: Handle | None = None
             pass
         time.sleep(0.3)
     raise StackError(f"{what} did not answer {url} within {timeout:.0f} s")
+
+
+# The webhook receiver listens on loopback over plain HTTP; MLflow allows neither by default.
+# MLflow also caches the webhook list per event for a minute; a short cache means the
+# receiver hears alias moves right after `attnflow up` registers it.
+MLFLOW_WEBHOOK_ENV = {"MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+                      "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+                      "MLFLOW_WEBHOOK_CACHE_TTL": "5"}
 
 
 class LocalStack(Stack):
