@@ -122,12 +122,29 @@ def register_task(root: str) -> dict[str, Any]:
     trained = json.loads((Path(root) / cfg.paths.reports_dir / "train.json").read_text())
     existing = registered_version_of_run(trained["mlflow_run_id"], Path(root))
     if existing is not None:
-        get_run_logger().info("run %s is already registered as v%s", trained["mlflow_run_id"],
-                              existing["version"])
+        get_run_logger().info(
+            "run %s is already registered as v%s", trained["mlflow_run_id"], existing["version"]
+        )
         return {**existing, "new": False}
     out = register_candidate(cfg, Path(root), actor="retrain flow")
     get_run_logger().info("v%s registered -> %s", out["version"], out["alias"])
     return {**out, "new": True}
+
+
+@task(name="push-data")
+def push_data(root: str) -> dict[str, Any]:
+    """Push this data version to the DVC remote (a failure is reported, never fatal)."""
+    from pipelines.errors import AttnflowError
+    from pipelines.versioning import data_command
+
+    try:
+        with _dvc_slot():
+            out = data_command("push", Path(root))
+    except AttnflowError as exc:
+        get_run_logger().warning("data version not pushed: %s", exc)
+        return {"pushed": False, "error": str(exc)}
+    get_run_logger().info("data pushed to the DVC remote: %s", out.splitlines()[-1:])
+    return {"pushed": True}
 
 
 @task(name="serve-champion")
@@ -155,8 +172,11 @@ def _apply_run_params(root: Path, dataset: str | None, data_since: str | None) -
     if data_since is not None:
         params["ingest"]["since"] = data_since
     path.write_text(yaml.safe_dump(params, sort_keys=False))
-    get_run_logger().info("params.yaml: ingest.dataset=%s ingest.since=%s",
-                          params["ingest"]["dataset"], params["ingest"].get("since"))
+    get_run_logger().info(
+        "params.yaml: ingest.dataset=%s ingest.since=%s",
+        params["ingest"]["dataset"],
+        params["ingest"].get("since"),
+    )
 
 
 @flow(name="retrain")
@@ -185,6 +205,7 @@ def retrain(
     out: dict[str, Any] = {"stages": results}
     if stages is not None or not deploy:
         return out
+    out["data"] = push_data(str(root_path))
     reg = register_task(str(root_path))
     out["registered"] = reg
     if reg.get("alias") == "champion":
@@ -195,9 +216,13 @@ def retrain(
         from services.stack import LocalStack
 
         if LocalStack(root_path).is_up():
-            out["rollout"] = rollout(version=reg["version"], root=str(root_path),
-                                     actor="retrain flow")
+            out["rollout"] = rollout(
+                version=reg["version"], root=str(root_path), actor="retrain flow"
+            )
         else:
-            log.info("v%s is challenger; the stack is not up, so no rollout now "
-                     "(the reconciler starts it once the stack runs)", reg["version"])
+            log.info(
+                "v%s is challenger; the stack is not up, so no rollout now "
+                "(the reconciler starts it once the stack runs)",
+                reg["version"],
+            )
     return out

@@ -35,8 +35,15 @@ from services.launch import Handle, free_port, spawn, start_gateway, start_model
 log = logging.getLogger(__name__)
 
 STANDBY = "standby"
-SECRET_ENVS = ("ATTNFLOW_ADMIN_TOKEN", "ATTNFLOW_WEBHOOK_SECRET",
-               "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY")
+# Scaled-out back ends for `attnflow up` (defaults: SQLite and a local folder). Prefect's
+# server reads PREFECT_API_DATABASE_CONNECTION_URL itself.
+MLFLOW_BACKEND_ENV = "ATTNFLOW_MLFLOW_BACKEND_URI"  # e.g. postgresql+psycopg2://...
+MLFLOW_ARTIFACTS_ENV = "ATTNFLOW_MLFLOW_ARTIFACTS_DESTINATION"  # e.g. s3://mlflow-artifacts
+SECRET_ENVS = (
+    "ATTNFLOW_ADMIN_TOKEN",
+    "ATTNFLOW_WEBHOOK_SECRET",
+    "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY",
+)
 
 
 class StackError(AttnflowError):
@@ -150,8 +157,11 @@ class Stack:
         out = {}
         for name in SECRET_ENVS:
             # MLflow encrypts stored webhook secrets with a Fernet key (32 url-safe bytes)
-            fresh = (base64.urlsafe_b64encode(os.urandom(32)).decode()
-                     if name.startswith("MLFLOW_") else secrets.token_urlsafe(32))
+            fresh = (
+                base64.urlsafe_b64encode(os.urandom(32)).decode()
+                if name.startswith("MLFLOW_")
+                else secrets.token_urlsafe(32)
+            )
             out[name] = os.environ.get(name) or stored.get(name) or fresh
         if not path.exists():
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -300,9 +310,11 @@ def _wait_http(url: str, timeout: float, what: str, handle: Handle | None = None
 # The webhook receiver listens on loopback over plain HTTP; MLflow allows neither by default.
 # MLflow also caches the webhook list per event for a minute; a short cache means the
 # receiver hears alias moves right after `attnflow up` registers it.
-MLFLOW_WEBHOOK_ENV = {"MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
-                      "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
-                      "MLFLOW_WEBHOOK_CACHE_TTL": "5"}
+MLFLOW_WEBHOOK_ENV = {
+    "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+    "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+    "MLFLOW_WEBHOOK_CACHE_TTL": "5",
+}
 
 
 class LocalStack(Stack):
@@ -368,9 +380,9 @@ class LocalStack(Stack):
                     "mlflow",
                     "server",
                     "--backend-store-uri",
-                    f"sqlite:///{state / 'mlflow.db'}",
+                    os.environ.get(MLFLOW_BACKEND_ENV) or f"sqlite:///{state / 'mlflow.db'}",
                     "--artifacts-destination",
-                    str(state / "mlartifacts"),
+                    os.environ.get(MLFLOW_ARTIFACTS_ENV) or str(state / "mlartifacts"),
                     "--host",
                     s.host,
                     "--port",
@@ -379,7 +391,7 @@ class LocalStack(Stack):
                     "1",
                 ],
                 s.mlflow_port,
-                env={**env, "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true"},
+                env={**env, **MLFLOW_WEBHOOK_ENV},
             )
             _wait_http(f"{urls['mlflow']}/health", 120, "the MLflow server", h)
         if not self._running("prefect"):
