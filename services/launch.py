@@ -40,12 +40,17 @@ class LaunchError(AttnflowError):
     """A service process did not come up (exited, not ready in time, model not loadable)."""
 
 
+SERVICE_ID_ENV = "ATTNFLOW_SERVICE_ID"  # marks every process of one spawned service
+
+
 @dataclass
 class Handle:
     """A started service process: stop it with `stop()` or use it as a context manager.
 
     BentoML's arbiter starts its workers in sessions of their own, so a process-group
-    signal does not reach them: the handle also tracks the leader's descendants.
+    signal does not reach them: the handle also tracks the leader's descendants. A
+    descendant that is itself a service started by `spawn` (a model service that a
+    rollout process started, say) belongs to its own handle and is left alone.
     """
 
     name: str
@@ -55,6 +60,7 @@ class Handle:
     log_path: Path
     proc: subprocess.Popen = field(repr=False)
     known: set[int] = field(default_factory=set, repr=False)  # descendants seen so far
+    service_id: str = ""  # the SERVICE_ID_ENV value its processes inherit
 
     def alive(self) -> bool:
         """Whether the process (the leader) is still running."""
@@ -62,12 +68,27 @@ class Handle:
 
     def descendants(self) -> list[int]:
         """Pids of the leader's processes now, plus every descendant seen before."""
+        found: set[int] = set()
         try:
-            found = {c.pid for c in psutil.Process(self.pid).children(recursive=True)}
+            todo = psutil.Process(self.pid).children()
         except psutil.Error:
-            found = set()
+            todo = []
+        while todo:
+            proc = todo.pop()
+            if self._owned_elsewhere(proc):
+                continue  # another service's tree: not ours to stop
+            found.add(proc.pid)
+            with contextlib.suppress(psutil.Error):
+                todo.extend(proc.children())
         self.known |= found
         return sorted(self.known)
+
+    def _owned_elsewhere(self, proc: psutil.Process) -> bool:
+        try:
+            owner = proc.environ().get(SERVICE_ID_ENV)
+        except psutil.Error:
+            return False
+        return bool(owner and self.service_id and owner != self.service_id)
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM the process group, then SIGKILL whatever is left after `timeout` seconds."""
@@ -188,6 +209,8 @@ def spawn(
     `env` adds to this process's environment (the repository is put on PYTHONPATH).
     """
     env = _child_env(env)
+    service_id = f"{name}:{port}:{os.urandom(4).hex()}"
+    env[SERVICE_ID_ENV] = service_id
     log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="attnflow-serve-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}-{port}.log"
@@ -202,7 +225,9 @@ def spawn(
             start_new_session=True,  # its own process group: stop() takes the workers too
         )
     log.info("started %s (pid %d) on %s:%d, log %s", name, proc.pid, host, port, log_path)
-    return Handle(name, proc.pid, f"http://{host}:{port}", port, log_path, proc)
+    return Handle(
+        name, proc.pid, f"http://{host}:{port}", port, log_path, proc, service_id=service_id
+    )
 
 
 def _child_env(extra: dict[str, str] | None) -> dict[str, str]:

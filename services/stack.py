@@ -281,6 +281,23 @@ class Stack:
         return stopped
 
 
+@contextlib.contextmanager
+def prefect_api(url: str | None = None) -> Iterator[None]:
+    """Point this process's Prefect client at `url` (default: `$PREFECT_API_URL` now).
+
+    Prefect freezes its settings when it is first imported; a process that imported it
+    before `up` exported the server's URL would otherwise talk to an ephemeral server.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url = url or os.environ.get("PREFECT_API_URL")
+    if not url:
+        yield
+        return
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        yield
+
+
 def python() -> str:
     """The interpreter the stack's Python processes run with."""
     return sys.executable

@@ -189,7 +189,10 @@ def scaled(tmp_path_factory, mirror):
 def _run_retrain(clone: Path) -> object:
     from prefect.deployments import run_deployment
 
-    run = run_deployment("retrain/retrain", parameters={"root": str(clone)}, timeout=1500)
+    from services.stack import prefect_api
+
+    with prefect_api():  # earlier tests in this process may have frozen Prefect's settings
+        run = run_deployment("retrain/retrain", parameters={"root": str(clone)}, timeout=1500)
     assert run.state.is_completed(), f"{run.state.name}: {run.state.message}"
     return run
 
