@@ -263,36 +263,114 @@ def retrain(
     stages: Annotated[
         list[str] | None, typer.Option("--stage", help="Run only these dvc.yaml stages.")
     ] = None,
+    local: Annotated[
+        bool, typer.Option("--local", help="Run in this process even when the stack is up.")
+    ] = False,
 ) -> None:
-    """Run the retrain flow (the dvc.yaml stages as Prefect tasks)."""
-    from flows.retrain import retrain as retrain_flow
+    """Run the retrain flow: the dvc.yaml stages, then register, gate, serve, roll out.
 
+    With the local stack up (`attnflow up`), this runs the `retrain` deployment on its
+    worker and waits; otherwise the flow runs here on Prefect's ephemeral API.
+    """
     with user_errors():
+        if os.environ.get("PREFECT_API_URL") and not stages and not local:
+            _run_deployment("retrain/retrain", {"root": str(Path(".").resolve())})
+            return
+        from flows.retrain import retrain as retrain_flow
+
         result = retrain_flow(root=str(Path(".").resolve()), stages=stages)
+    _print_stages(result)
+
+
+def _print_stages(result: dict) -> None:
     for s in result["stages"]:
         state = "ran" if s["ran"] else "up to date"
-        typer.echo(f"  {s['stage']:<10} {state:<11} {s['seconds']:.1f}s")
+        where = f" ({s['pool']} pool)" if s.get("pool") else ""
+        typer.echo(f"  {s['stage']:<10} {state:<11} {s['seconds']:.1f}s{where}")
+    reg = result.get("registered")
+    if reg:
+        typer.echo(f"  register   v{reg['version']} -> {reg.get('alias') or 'no alias'}")
+    if result.get("rollout"):
+        typer.echo(f"  rollout    {result['rollout'].get('status')}")
+
+
+def _run_deployment(name: str, parameters: dict) -> None:
+    """Run a deployment of the local Prefect server on its worker and wait for it."""
+    from prefect.deployments import run_deployment
+
+    from pipelines.errors import AttnflowError
+    from services.stack import prefect_api
+
+    typer.echo(f"running deployment {name} on the local Prefect server...")
+    with prefect_api():
+        run = run_deployment(name, parameters=parameters, timeout=None)
+    api = os.environ["PREFECT_API_URL"].removesuffix("/api")
+    typer.echo(f"  flow run {run.name}: {run.state.name}  ({api}/runs/flow-run/{run.id})")
+    if not run.state.is_completed():
+        raise AttnflowError(f"deployment {name} ended {run.state.name}: {run.state.message}")
+
+
+def _show_recommendations(gateway: str, user: str, k: int = 5) -> None:
+    import httpx
+
+    r = httpx.post(
+        f"{gateway}/recommend", json={"user_id": user, "k": k, "explain": True}, timeout=30
+    )
+    if r.status_code != 200:
+        typer.echo(f"  (the gateway answered {r.status_code}: {r.text[:200]})")
+        return
+    body = r.json()
+    typer.echo(
+        f"\n  recommendations for user {user} (v{body.get('model_version')}, "
+        f"{body.get('variant')}):"
+    )
+    titles = _titles()
+    for item, score in zip(body["items"], body["scores"], strict=True):
+        typer.echo(f"    {score:8.3f}  {titles.get(item, item)}")
+    if body.get("explanation"):
+        typer.echo("  because they attended to:")
+        for e in body["explanation"][:3]:
+            typer.echo(f"    attention {e['attention']:.2f}  {e['title'] or e['item_id']}")
+
+
+def _titles() -> dict[str, str]:
+    import json
+
+    items = Path("models/attnflow/items.json")
+    if not items.exists():
+        return {}
+    data = json.loads(items.read_text())
+    return dict(zip(data["ids"], data["titles"], strict=True))
 
 
 @app.command()
 def demo() -> None:
-    """The main job end to end on the default dataset; prints where to look."""
-    from flows.retrain import retrain as retrain_flow
+    """The main job end to end: stack up, retrain, serve; prints recommendations and URLs."""
+    import json
+
     from pipelines.expectations import data_docs_index
+    from services.stack import LocalStack
 
     with user_errors():
         cfg = _config(Path("params.yaml"), None)
-        result = retrain_flow(root=str(Path(".").resolve()))
-    typer.echo("\nattnflow demo: the retrain flow finished")
-    for s in result["stages"]:
-        state = "ran" if s["ran"] else "up to date"
-        typer.echo(f"  {s['stage']:<10} {state:<11} {s['seconds']:.1f}s")
-    typer.echo(f"\n  dataset        {cfg.ingest.dataset}")
-    typer.echo(f"  events         {(cfg.paths.ingested_dir / 'events.parquet').resolve()}")
-    typer.echo(f"  splits         {cfg.paths.split_dir.resolve()}/")
-    typer.echo(f"  metrics        {cfg.paths.reports_dir.resolve()}/")
+        stack = LocalStack(Path("."))
+        typer.echo("attnflow demo: starting the local stack")
+        urls = stack.up(progress=lambda msg: typer.echo(f"  {msg}..."))
+        for k, v in stack.env().items():
+            os.environ.setdefault(k, v)
+        _run_deployment("retrain/retrain", {"root": str(Path(".").resolve())})
+        served = stack.served().get("champion")
+        if served is None:
+            raise AttnflowError("no champion is being served after the retrain")
+        users = json.loads((Path(served["folder"]) / "users.json").read_text())
+        _show_recommendations(urls["gateway"], users[0])
+    typer.echo(f"\n  dataset        {cfg.ingest.dataset} ({cfg.paths.split_dir.resolve()}/)")
     typer.echo(f"  Data Docs      file://{data_docs_index(cfg.paths.gx_root).resolve()}")
-    typer.echo("  Prefect runs   ephemeral API this time; `prefect server start` keeps a UI")
+    typer.echo(f"  MLflow UI      {urls['mlflow']}")
+    typer.echo(f"  Prefect UI     {urls['prefect']}")
+    typer.echo(f"  served         {urls['gateway']}/recommend  (champion v{served['version']})")
+    typer.echo(f"  metrics        {urls['gateway']}/metrics")
+    typer.echo("  stop it all    attnflow down")
 
 
 @app.command()
