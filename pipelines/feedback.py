@@ -118,10 +118,17 @@ class FeedbackLog:
         self.path = Path(path)
         self.recent_ids = recent_ids
         self._seen: OrderedDict[str, None] = OrderedDict()
+        self._offset = 0  # how far into the file this process has read event ids
         self._lock = threading.Lock()
 
     def append(self, events: Iterable[FeedbackEvent | dict[str, Any]]) -> AppendResult:
         """Write the events durably (fsync) as one batch; duplicates by event_id are skipped.
+
+        Duplicates are recognised across processes too: every model service (and each
+        of its workers) appends to the same file, and the gateway may retry an event
+        on the champion after the challenger wrote it and died before answering. Under
+        the file lock, each writer first reads the ids the others appended since it
+        last looked.
 
         Raises `FeedbackLogUnavailable` when nothing could be written; the log is then
         exactly as it was before the call. Raises `pydantic.ValidationError` for an
@@ -132,47 +139,74 @@ class FeedbackLog:
             for e in events
         ]
         with self._lock:
-            fresh, batch_ids = [], set()
-            for rec in records:
-                eid = rec["event_id"]
-                if eid in self._seen or eid in batch_ids:
-                    continue
-                batch_ids.add(eid)
-                fresh.append(rec)
-            if fresh:
-                data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in fresh)
-                self._write(data.encode("utf-8"))
-                for eid in batch_ids:
-                    self._seen[eid] = None
-                while len(self._seen) > self.recent_ids:
-                    self._seen.popitem(last=False)
+            fd = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # other service processes append to this file
+                self._catch_up(fd)
+                fresh, batch_ids = [], set()
+                for rec in records:
+                    eid = rec["event_id"]
+                    if eid in self._seen or eid in batch_ids:
+                        continue
+                    batch_ids.add(eid)
+                    fresh.append(rec)
+                if fresh:
+                    data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in fresh)
+                    self._write(fd, data.encode("utf-8"))
+                    self._remember(batch_ids)
+                self._offset = os.fstat(fd).st_size
+            finally:
+                os.close(fd)  # also releases the flock
         return AppendResult(written=len(fresh), duplicates=len(records) - len(fresh))
 
-    def _write(self, data: bytes) -> None:
+    def _open(self) -> int:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            return os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as exc:
             raise self._unavailable(exc) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # other service processes append to the same file
-            start = os.fstat(fd).st_size
-            try:
-                view = memoryview(data)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-                os.fsync(fd)
-            except OSError as exc:
-                # Roll back a partial batch so the log never holds a torn line.
+
+    def _catch_up(self, fd: int) -> None:
+        """Learn the event ids appended (by anyone) since this process last read the file."""
+        size = os.fstat(fd).st_size
+        if size < self._offset:  # the log was replaced or truncated: read it afresh
+            self._offset = 0
+        if size == self._offset:
+            return
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            fh.seek(self._offset)
+            ids = []
+            for line in fh:
                 try:
-                    os.ftruncate(fd, start)
-                    os.fsync(fd)
-                except OSError:
-                    log.error("could not roll back a partial write to %s", self.path)
-                raise self._unavailable(exc) from None
-        finally:
-            os.close(fd)  # also releases the flock
+                    ids.append(json.loads(line)["event_id"])
+                except (ValueError, KeyError, TypeError):
+                    continue  # not ours to judge here; ingest validates the log
+        self._remember(ids)
+        self._offset = size
+
+    def _remember(self, ids: Iterable[str]) -> None:
+        for eid in ids:
+            self._seen[eid] = None
+            self._seen.move_to_end(eid)
+        while len(self._seen) > self.recent_ids:
+            self._seen.popitem(last=False)
+
+    def _write(self, fd: int, data: bytes) -> None:
+        """Append `data` and fsync, or leave the file as it was (never a torn line)."""
+        start = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        except OSError as exc:
+            try:
+                os.ftruncate(fd, start)
+                os.fsync(fd)
+            except OSError:
+                log.error("could not roll back a partial write to %s", self.path)
+            raise self._unavailable(exc) from None
 
     def _unavailable(self, exc: OSError) -> FeedbackLogUnavailable:
         reason = {

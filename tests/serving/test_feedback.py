@@ -60,6 +60,17 @@ def test_retried_event_ids_are_written_once(tmp_path):
     assert [r["event_id"] for r in iter_log(path)] == ["a", "b", "c", "a"]
 
 
+def test_an_event_another_process_wrote_is_a_duplicate_here(tmp_path):
+    """Champion and challenger append to one file: a failover retry must not double it."""
+    path = tmp_path / "events.jsonl"
+    challenger, champion = FeedbackLog(path), FeedbackLog(path)
+    assert challenger.append([_ev(1, event_id="x")]).written == 1
+    res = champion.append([_ev(1, event_id="x"), _ev(2, event_id="y")])
+    assert (res.written, res.duplicates) == (1, 1)
+    assert challenger.append([_ev(2, event_id="y")]).duplicates == 1
+    assert [r["event_id"] for r in iter_log(path)] == ["x", "y"]
+
+
 @pytest.mark.parametrize(
     "bad",
     [
