@@ -30,6 +30,10 @@ from pipelines.errors import TransientError
 from pipelines.versioning import load_dag, repro_stage
 
 DVC_LIMIT = "dvc-repo"
+# The slot is a lease the holder keeps renewing: a flow run killed with its worker
+# stops renewing, and the server takes the slot back after this long (Prefect's
+# default, 300 s, would hold up the re-run for five minutes).
+DVC_LEASE_S = 30
 
 
 def retry_on_transient(task, task_run, state) -> bool:
@@ -49,7 +53,7 @@ def _dvc_slot():
         return contextlib.nullcontext()
     from prefect.concurrency.sync import concurrency
 
-    return concurrency(DVC_LIMIT, occupy=1, strict=False)
+    return concurrency(DVC_LIMIT, occupy=1, strict=False, lease_duration=DVC_LEASE_S)
 
 
 @task(
@@ -74,9 +78,28 @@ def dvc_stage(name: str, root: str) -> dict[str, Any]:
     return result
 
 
+def gpus_here() -> int:
+    """GPUs this worker trains on: `NUM_GPUS`, else what torch sees."""
+    if os.environ.get("NUM_GPUS"):
+        return int(os.environ["NUM_GPUS"])
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 @flow(name="train-stage")
 def train_stage(root: str = ".") -> dict[str, Any]:
-    """The train stage alone: what the `train-gpu` deployment runs on a gpu worker."""
+    """The train stage alone: what the `train-gpu` deployment runs on a gpu worker.
+
+    With more than one GPU the stage runs under torchrun, one DDP process per GPU.
+    """
+    gpus = gpus_here()
+    if gpus > 1:
+        from pipelines.versioning import repro_distributed
+
+        get_run_logger().info("train stage: DDP over %d GPUs (torchrun)", gpus)
+        with _dvc_slot():
+            return repro_distributed("train", Path(root), gpus)
     return dvc_stage("train", root)
 
 

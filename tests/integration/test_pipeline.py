@@ -100,3 +100,21 @@ def test_retrain_flow_stops_on_rejected_data(clone):
     for f, text in before.items():  # neither split nor train ran on the rejected data
         assert (clone / "reports" / f).read_text() == text
     assert "validate" in dvc("status", cwd=clone).stdout  # still out of date: not accepted
+
+
+def test_train_stage_under_torchrun_ddp_then_recorded_by_dvc(clone):
+    """What a multi-GPU worker does (2 CPU processes on gloo here): torchrun, then dvc commit."""
+    from pipelines.versioning import repro_distributed
+
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["validate"]["rating_max"] = 5.0  # undo the rejected-data test's change
+    params["train"]["seed"] = 11  # the train stage is out of date now
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert dvc("repro", "split", cwd=clone).returncode == 0
+    out = repro_distributed("train", clone, 2)
+    assert out["ran"] and out["processes"] == 2
+    summary = json.loads((clone / "reports/train.json").read_text())
+    assert summary["world_size"] == 2
+    assert "up to date" in dvc("status", "train", cwd=clone).stdout
+    again = repro_distributed("train", clone, 2)
+    assert not again["ran"]
