@@ -26,7 +26,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-data_app = typer.Typer(help="Data versions in DVC: push, pull, status.", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Data versions in DVC: push, pull, status, verify.", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
 
 SetOpt = Annotated[
@@ -525,6 +527,27 @@ def data_pull() -> None:
 def data_status() -> None:
     """Compare the workspace, the DVC cache and the remote."""
     _data("status")
+
+
+# `attnflow data verify` exit code on corruption: 3, as for data that failed validation.
+CACHE_CORRUPT_EXIT = 3
+
+
+@data_app.command("verify")
+def data_verify() -> None:
+    """Re-hash the DVC cache objects dvc.lock references; exit 3 naming each corrupt one."""
+    from pipelines.versioning import verify_cache
+
+    with user_errors():
+        problems, counts = verify_cache(Path("."))
+    for problem in problems:
+        typer.echo(f"error: {problem.line()}", err=True)
+    if problems:
+        raise typer.Exit(CACHE_CORRUPT_EXIT)
+    typer.echo(
+        f"cache ok: {counts['checked']} objects match dvc.lock "
+        f"({counts['missing']} not in the cache, {counts['legacy']} DVC 2 objects not checked)"
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -30,6 +30,15 @@ REMOTE_ENV = "ATTNFLOW_DVC_REMOTE"  # e.g. s3://bucket/attnflow; default: the lo
 S3_ENDPOINT_ENV = "ATTNFLOW_S3_ENDPOINT_URL"
 ENV_REMOTE_NAME = "env"
 _DVC_LOCK = threading.Lock()
+# How DVC's remotes (S3, HTTP, SSH) word a network failure.
+_UNREACHABLE = (
+    "Could not connect to the endpoint URL",
+    "Connection refused",
+    "Name or service not known",
+    "Temporary failure in name resolution",
+    "Connect timeout",
+    "timed out",
+)
 
 
 @dataclass
@@ -108,6 +117,10 @@ def _dvc_error(args: list[str], proc: subprocess.CompletedProcess[str]) -> Attnf
     detail = ours[-1] if ours else _last_error_line(text)
     if "Unable to acquire lock" in text or "is busy" in text:
         return TransientError(f"dvc {' '.join(args)}: the DVC repository is locked; {detail}")
+    talks_to_remote = args[:1] in (["push"], ["pull"], ["fetch"]) or "--cloud" in args
+    if talks_to_remote and any(sign in text for sign in _UNREACHABLE):
+        # a remote that cannot be reached now may be reachable on the next try
+        return TransientError(f"dvc {' '.join(args)}: the DVC remote is unreachable; {detail}")
     code = re.search(r"exited with (\d+)", text)
     exit_code = int(code.group(1)) if code else proc.returncode
     if exit_code == ValidationFailed.exit_code:
