@@ -74,7 +74,8 @@ def to_timestamps(col: pd.Series, name: str = "ts", unit: str | None = None) -> 
             out = pd.to_datetime(col, utc=True, format="ISO8601")
     except (ValueError, TypeError, OverflowError, pd.errors.OutOfBoundsDatetime) as exc:
         bad = _first_unparseable(col, unit)
-        raise DataError(f"column {name!r}: cannot read {bad!r} as a timestamp ({exc})") from None
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"column {name!r}: cannot read {bad!r} as a timestamp ({reason})") from None
     return out.astype(TS_DTYPE)
 
 
@@ -90,11 +91,16 @@ def _first_unparseable(col: pd.Series, unit: str | None) -> object:
     return col.iloc[0] if len(col) else None
 
 
+# Written for a missing number by R, pandas, spreadsheets and databases.
+NA_MARKERS = frozenset({"", "na", "n/a", "nan", "-nan", "null", "none", "<na>", "#n/a"})
+
+
 def _as_float(col: pd.Series, name: str) -> pd.Series:
     if pd.api.types.is_numeric_dtype(col):
         return col.astype("float64")
     out = pd.to_numeric(col, errors="coerce")
-    bad = col[out.isna() & col.notna() & (col.astype("str").str.strip() != "")]
+    marker = col.astype("str").str.strip().str.lower().isin(NA_MARKERS)
+    bad = col[out.isna() & col.notna() & ~marker]
     if len(bad):
         raise DataError(f"column {name!r}: {bad.iloc[0]!r} is not a number")
     return out.astype("float64")
@@ -158,7 +164,7 @@ def read_table(path: Path, fmt: str = "auto") -> pd.DataFrame:
     try:
         if fmt == "parquet":
             return pq.read_table(path).to_pandas()
-        return pd.read_csv(path, encoding="utf-8", encoding_errors="strict", low_memory=False)
+        return _read_csv(path)
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     except pd.errors.EmptyDataError:
@@ -167,6 +173,30 @@ def read_table(path: Path, fmt: str = "auto") -> pd.DataFrame:
         raise DataError(f"{path}: not valid CSV ({str(exc).splitlines()[0]})") from None
     except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
         raise DataError(f"{path}: not a readable {fmt} file ({str(exc).splitlines()[0]})") from None
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    """A CSV file with ids and text kept as written.
+
+    Only an empty field is missing: "NA", "null" or "None" are ids and text like any
+    other (pandas' default would turn a user called "NA" into a null). Numeric
+    columns still read those markers as missing (`_as_float`). pandas also reads a
+    column of "TRUE" / "false" as booleans, and cannot be told not to: such columns
+    are read again as text, or an item called "FALSE" would come back as "False".
+    """
+    options: dict = {
+        "encoding": "utf-8",
+        "encoding_errors": "strict",
+        "low_memory": False,
+        "keep_default_na": False,
+        "na_values": [""],
+    }
+    frame = pd.read_csv(path, **options)
+    # Booleans, alone (bool) or beside empty fields (object): never a number or a time.
+    flags = [c for c in frame.columns if frame[c].dtype in (np.dtype(bool), np.dtype(object))]
+    if flags:
+        frame = pd.read_csv(path, dtype=dict.fromkeys(flags, str), **options)
+    return frame
 
 
 def read_events(path: Path, fmt: str = "auto", ts_unit: str | None = None) -> pd.DataFrame:

@@ -43,8 +43,44 @@ class RawSource:
     convert: Callable[[dict[str, pd.DataFrame]], tuple[pd.DataFrame, pd.DataFrame]]
 
     def to_canonical(self) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """(events, items) in the canonical schema."""
-        return self.convert(self.frames)
+        """(events, items) in the canonical schema.
+
+        The tables are checked against their raw contract first (`check`): the ingest
+        stage's raw suite has done so already, but a conversion must never meet a
+        column it cannot handle, whoever calls it, or it fails with a traceback.
+        """
+        self.check()
+        try:
+            return self.convert(self.frames)
+        except (ValueError, TypeError, OverflowError, KeyError) as exc:
+            # What the contract cannot express (an id too large for its type, ...).
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DataError(f"{self.name}: cannot convert to canonical events ({first})") from None
+
+    def check(self) -> None:
+        """Refuse tables that break the raw contract: a `DataError` naming table and column."""
+        for table, spec in self.schema.items():
+            frame = self.frames.get(table)
+            if frame is None:
+                raise DataError(f"{self.name}: no {table!r} table was read")
+            if frame.empty:
+                raise DataError(f"{self.name}: table {table!r} has no rows")
+            missing = [c for c in spec.types if c not in frame.columns]
+            if missing:
+                found = ", ".join(map(str, frame.columns))
+                raise DataError(
+                    f"{self.name}: table {table!r} lacks column(s) {', '.join(missing)}; "
+                    f"found: {found}"
+                )
+            for col, types in spec.types.items():
+                if types is not None and frame[col].dtype.name not in types:
+                    raise DataError(
+                        f"{self.name}: table {table!r} column {col!r} holds "
+                        f"{frame[col].dtype.name} values, expected one of {', '.join(types)}"
+                    )
+            for col in spec.not_null:
+                if frame[col].isna().any():
+                    raise DataError(f"{self.name}: table {table!r} column {col!r} has empty values")
 
 
 INT = ["int64", "int32", "Int64"]

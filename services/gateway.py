@@ -71,6 +71,7 @@ from prometheus_client import (
 
 from pipelines.config import ServeConfig, load_config
 from pipelines.errors import AttnflowError
+from pipelines.privacy import redact, user_ref
 
 log = logging.getLogger("attnflow.gateway")
 
@@ -311,11 +312,12 @@ class Gateway:
 
     async def _routed(self, path: str, body: bytes, send: Any) -> None:
         start = time.perf_counter()
-        key = body
+        key, user = body, None
         try:
             parsed = orjson.loads(body)
             if isinstance(parsed, dict) and isinstance(parsed.get("user_id"), str):
-                key = parsed["user_id"].encode()
+                user = parsed["user_id"]
+                key = user.encode()
         except orjson.JSONDecodeError:
             pass  # the model service answers 400; route it like any anonymous request
         order = self._order(self.assign(key))
@@ -331,11 +333,20 @@ class Gateway:
             except UpstreamFailed as exc:
                 win.errors += 1
                 self.m_errors.labels(variant, exc.kind).inc()
+                # Only a keyed hash of the user id reaches the log (pipelines.privacy);
+                # an upstream's error text may quote the raw id, so it is redacted too.
+                why = redact(str(exc), [user])
                 if n + 1 < len(order):
                     self.m_retries.labels(variant).inc()
-                    log.warning("%s %s failed (%s); trying the other variant", variant, path, exc)
+                    log.warning(
+                        "%s %s failed for user %s (%s); trying the other variant",
+                        variant,
+                        path,
+                        user_ref(user),
+                        why,
+                    )
                 else:
-                    log.warning("%s %s failed (%s)", variant, path, exc)
+                    log.warning("%s %s failed for user %s (%s)", variant, path, user_ref(user), why)
                 last = exc
                 continue
             elapsed = time.perf_counter() - start

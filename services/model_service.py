@@ -62,6 +62,7 @@ from starlette.responses import Response
 from pipelines.config import ServeConfig, load_config
 from pipelines.feedback import FeedbackEvent, FeedbackLog, FeedbackLogUnavailable
 from pipelines.inference import Recommendation, ServedModel, UnknownUser
+from pipelines.privacy import redact, user_ref
 from pipelines.sequences import Batch
 
 log = logging.getLogger("attnflow.serve")
@@ -431,6 +432,135 @@ async def _send_json(send: Any, status: int, message: str, field: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+# --- the published OpenAPI document ------------------------------------------------------------
+
+
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {"type": "string"},
+        "detail": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"loc": {"type": "array"}, "msg": {"type": "string"}},
+            },
+        },
+    },
+}
+ERROR_STATUSES = {
+    "400": "Bad Request: the body does not validate; detail[].loc names the field",
+    "404": "Not Found: unknown user_id or item_id",
+    "413": "Payload Too Large: the body is over serve.max_body_bytes",
+    "415": "Unsupported Media Type: the body is not application/json",
+    "500": "Internal Server Error: a bug (logged)",
+    "503": "Service Unavailable: not ready, overloaded, or the feedback log is not writable",
+}
+API_BODIES = {
+    "/recommend": (RecommendRequest, RecommendResponse),
+    "/similar": (SimilarRequest, SimilarResponse),
+    "/feedback": (FeedbackRequest, FeedbackResponse),
+}
+
+
+def _openapi30(schema: Any) -> Any:
+    """Pydantic's `anyOf: [X, {type: null}]` as OpenAPI 3.0's `X` + `nullable: true`."""
+    if isinstance(schema, list):
+        return [_openapi30(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _openapi30(v) for k, v in schema.items()}
+    options = out.get("anyOf")
+    if isinstance(options, list) and {"type": "null"} in options:
+        rest = [o for o in options if o != {"type": "null"}]
+        if len(rest) == 1:
+            del out["anyOf"]
+            out = {**rest[0], **out, "nullable": True}
+    if out.get("type") == "null":  # a bare null (never on its own in these models)
+        out = {k: v for k, v in out.items() if k != "type"} | {"nullable": True}
+    return out
+
+
+def _body_schema(model: type[BaseModel]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model's JSON schema (refs into components) and its definitions, OpenAPI 3.0 style."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    defs = schema.pop("$defs", {})
+    return _openapi30(schema), _openapi30(defs)
+
+
+def openapi_fixups(doc: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI document BentoML generates, made to say what the service really does.
+
+    BentoML flattens `Optional` fields to their non-null type (so a `null`
+    `model_version` or `explanation` breaks its own schema), documents error bodies
+    with a string `detail` (ours is a list naming the field), and knows nothing of the
+    413 / 415 / 503 answers. Clients and schema-driven tests (schemathesis) read this
+    document, so it is corrected here: bodies from the pydantic models in OpenAPI 3.0
+    form (`nullable`), and every error status with its real body.
+    """
+    components = doc.setdefault("components", {}).setdefault("schemas", {})
+    components["Error"] = ERROR_SCHEMA
+    for name in ("InvalidArgument", "NotFound", "InternalServerError"):
+        components[name] = ERROR_SCHEMA
+    for path, (request, response) in API_BODIES.items():
+        op = doc.get("paths", {}).get(path, {}).get("post")
+        if op is None:
+            continue
+        req_schema, req_defs = _body_schema(request)
+        resp_schema, resp_defs = _body_schema(response)
+        components.update(req_defs)
+        components.update(resp_defs)
+        op["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": req_schema}},
+        }
+        responses = op.setdefault("responses", {})
+        responses["200"] = {
+            "description": "Successful Response",
+            "content": {"application/json": {"schema": resp_schema}},
+        }
+        for status, text in ERROR_STATUSES.items():
+            responses[status] = {
+                "description": text,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            }
+    return _openapi30(doc)
+
+
+class OpenAPIFix:
+    """ASGI middleware: serve `openapi_fixups` of BentoML's /docs.json."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "GET" or scope["path"] != "/docs.json":
+            return await self.app(scope, receive, send)
+        start: dict[str, Any] = {}
+        chunks: list[bytes] = []
+
+        async def capture(msg: dict[str, Any]) -> None:
+            if msg["type"] == "http.response.start":
+                start.update(msg)
+            elif msg["type"] == "http.response.body":
+                chunks.append(msg.get("body", b""))
+
+        await self.app(scope, receive, capture)
+        body = b"".join(chunks)
+        if start.get("status") == 200:
+            try:
+                body = orjson.dumps(openapi_fixups(orjson.loads(body)))
+            except (orjson.JSONDecodeError, TypeError, ValueError):
+                log.exception("could not correct the OpenAPI document; serving it as is")
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send(
+            {"type": "http.response.start", "status": start.get("status", 500), "headers": headers}
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
 # --- the service -------------------------------------------------------------------------------
 
 
@@ -547,6 +677,7 @@ class ModelService:
     def _smoke(self) -> None:
         """Ready only when the model answers: a known user, an empty and a real history."""
         assert self.model is not None
+        first = None
         try:
             queries = [RecQuery(None, [], 5, True, False)]
             if self.model.user_index:
@@ -561,7 +692,8 @@ class ModelService:
                 if not all(map(_finite, res.scores)):
                     raise ValueError("non-finite scores")
         except Exception as exc:  # any failure: alive but never ready
-            self.not_ready_reason = f"smoke recommendation failed: {exc!r}"
+            # The reason is logged and shown in /info: never with a raw user id in it.
+            self.not_ready_reason = redact(f"smoke recommendation failed: {exc!r}", [first])
             log.error("%s; the service stays not ready", self.not_ready_reason)
             return
         self.ready, self.not_ready_reason = True, None
@@ -573,6 +705,22 @@ class ModelService:
         self.outcomes.labels(api, "not_ready").inc()
         ctx.response.status_code = 503
         return _error(503, None, f"not ready: {self.not_ready_reason}")
+
+    def _failed(
+        self, ctx: bentoml.Context, api: str, exc: Exception, user_id: str | None
+    ) -> Response:
+        """Log an unexpected failure (traceback redacted of the user id) and answer 500.
+
+        Left to BentoML, the traceback would be logged with the exception's text, which
+        may quote the raw user id (a KeyError does).
+        """
+        import traceback
+
+        text = "".join(traceback.format_exception(exc))
+        log.error("%s failed for user %s:\n%s", api, user_ref(user_id), redact(text, [user_id]))
+        self.outcomes.labels(api, "error").inc()
+        ctx.response.status_code = 500
+        return _error(500, None, f"{api} failed: {type(exc).__name__} (see the service log)")
 
     def _variant(self, ctx: bentoml.Context) -> str:
         claimed = ctx.request.headers.get(VARIANT_HEADER)
@@ -596,6 +744,8 @@ class ModelService:
             self.outcomes.labels("recommend", "overloaded").inc()
             ctx.response.status_code = 503
             return _error(503, None, f"overloaded: {exc}")
+        except Exception as exc:  # a bug: logged without the raw user id, answered 500
+            return self._failed(ctx, "recommend", exc, req.user_id)
         self.outcomes.labels("recommend", "ok").inc()
         return _json(
             {
@@ -622,6 +772,8 @@ class ModelService:
             self.outcomes.labels("similar", "unknown_item").inc()
             ctx.response.status_code = 404
             return _error(404, "item_id", f"unknown item_id {req.item_id!r}")
+        except Exception as exc:  # a bug: logged, answered 500
+            return self._failed(ctx, "similar", exc, None)
         self.outcomes.labels("similar", "ok").inc()
         return _json(
             {
@@ -670,3 +822,4 @@ def _finite(x: float) -> bool:
 
 
 ModelService.add_asgi_middleware(BodyGuard)
+ModelService.add_asgi_middleware(OpenAPIFix)
