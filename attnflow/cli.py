@@ -226,6 +226,12 @@ def register() -> None:
         cfg = _config(Path("params.yaml"), None)
         with spinner("registering and gating..."):
             out = register_candidate(cfg, Path("."))
+    if out.get("already_registered"):
+        typer.echo(
+            f"this training run is already registered as version {out['version']} "
+            f"(alias {out['alias'] or 'none'}); nothing to do"
+        )
+        return
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in out["gates"]["metrics"].items())
     typer.echo(f"version {out['version']} passed its gates ({metrics}) -> alias {out['alias']}")
 

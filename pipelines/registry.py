@@ -18,11 +18,12 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from pipelines.errors import AttnflowError
+from pipelines.errors import AttnflowError, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +32,108 @@ STATE_ENV = "ATTNFLOW_STATE_DIR"
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 PREVIOUS = "previous-champion"
+RETRIES_ENV = "ATTNFLOW_REGISTRY_RETRIES"  # retries after the first attempt (default 4)
+BACKOFF_ENV = "ATTNFLOW_REGISTRY_BACKOFF_S"  # first wait; it doubles each retry (default 2)
+# A version is created `pending` and marked `complete` once gated and aliased, so a
+# registration cut short (the server went away) is found and finished by a rerun.
+REGISTRATION_TAG = "attnflow.registration"
+PENDING, COMPLETE = "pending", "complete"
+T = TypeVar("T")
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w.-]+)|/(?P<version>\d+))$")
 
 
 class RegistryError(AttnflowError):
     """The registry cannot do what was asked (unknown alias, version, bad URI)."""
+
+
+class RegistryUnavailable(TransientError):
+    """The MLflow tracking server did not answer, even after retries with backoff."""
+
+
+# How requests / urllib3 / MLflow word "the server is not there (or hangs)".
+_UNREACHABLE = (  # the most specific first: the first one found is the reason given
+    "Connection refused",
+    "Read timed out",
+    "timeout exception",
+    "Connection aborted",
+    "RemoteDisconnected",
+    "Connection reset",
+    "TEMPORARILY_UNAVAILABLE",
+    "NewConnectionError",
+    "Max retries exceeded",
+)
+
+
+def _unreachable_reason(exc: BaseException) -> str | None:
+    """A short reason if `exc` means the server could not be reached, else None."""
+    import requests
+
+    text = str(getattr(exc, "message", "") or exc)
+    if isinstance(exc, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
+        return next((sign for sign in _UNREACHABLE if sign in text), type(exc).__name__)
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException | ConnectionError):
+        if getattr(exc, "error_code", "") == "TEMPORARILY_UNAVAILABLE":
+            return "TEMPORARILY_UNAVAILABLE"
+        return next((sign for sign in _UNREACHABLE if sign in text), None)
+    return None
+
+
+def with_retries(what: str, fn: Callable[[], T], uri: str = "") -> T:
+    """`fn()`, retried with exponential backoff while the tracking server is unreachable.
+
+    Bounded by `ATTNFLOW_REGISTRY_RETRIES` and `ATTNFLOW_REGISTRY_BACKOFF_S`; any other
+    error is raised at once. When the retries run out, one `RegistryUnavailable` (a
+    transient error: exit code 75, orchestrators retry) says what could not be reached.
+    """
+    retries = max(0, int(os.environ.get(RETRIES_ENV, "4")))
+    delay = max(0.0, float(os.environ.get(BACKOFF_ENV, "2")))
+    started = time.monotonic()
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            reason = _unreachable_reason(exc)
+            if reason is None:
+                raise
+            if attempt == retries:
+                raise RegistryUnavailable(
+                    f"the MLflow tracking server {uri or ''} is unreachable ({reason}) for "
+                    f"{what}: gave up after {attempt + 1} attempts in "
+                    f"{time.monotonic() - started:.1f} s; rerun once it is back, and the "
+                    "registration resumes where it stopped"
+                ) from None
+            log.warning(
+                "MLflow %s unreachable (%s) during %s; retry %d/%d in %.1f s",
+                uri,
+                reason,
+                what,
+                attempt + 1,
+                retries,
+                delay,
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, 60.0)
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+class _RetryingClient:
+    """An MlflowClient whose every call goes through `with_retries`; `raw` is the client."""
+
+    def __init__(self, raw: Any):
+        self.raw = raw
+        self.uri = raw._tracking_client.tracking_uri
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.raw, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return with_retries(name, lambda: attr(*args, **kwargs), self.uri)
+
+        return call
 
 
 def model_name() -> str:
@@ -61,10 +159,11 @@ class FetchedModel:
     run_id: str | None = None
 
 
-def _client(root: Path = Path(".")):
+def _client(root: Path = Path(".")) -> Any:
+    """The project's MlflowClient, retrying while its server is unreachable."""
     from pipelines.tracking import client
 
-    return client(root)
+    return _RetryingClient(client(root))
 
 
 def resolve(uri: str, root: Path = Path(".")) -> tuple[str, str, str | None]:
@@ -110,10 +209,14 @@ def fetch_model(
     if not marker.exists():
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")
         local = Path(
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{name}/{version}",
-                dst_path=str(tmp),
-                tracking_uri=mlc._tracking_client.tracking_uri,
+            with_retries(
+                "download_artifacts",
+                lambda: mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"models:/{name}/{version}",
+                    dst_path=str(tmp),
+                    tracking_uri=mlc.uri,
+                ),
+                mlc.uri,
             )
         )
         folder = next(p.parent for p in local.rglob("spec.json"))
@@ -226,22 +329,43 @@ def register(
     root: Path = Path("."),
     name: str | None = None,
 ) -> str:
-    """Register a logged model as a new version with lineage tags; returns the version."""
-    name = name or model_name()
-    mlc = _client(root)
+    """Register a logged model as a new version with lineage tags; returns the version.
+
+    Safe to retry: the version carries a one-off registration id, so a retry after a
+    reply lost on the way back finds the version the server did create instead of
+    creating a second one.
+    """
+    import uuid
+
     from mlflow.exceptions import MlflowException
 
+    name = name or model_name()
+    mlc = _client(root)
     try:
         mlc.get_registered_model(name)
     except MlflowException:
-        mlc.create_registered_model(name, description="attnflow attention-flow Transformer")
+        try:
+            mlc.raw.create_registered_model(name, description="attnflow attention-flow Transformer")
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # a concurrent register made it
+                raise
     # A tracking server wants the logged model's id with a models:/<model id> source.
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
-    mv = mlc.create_model_version(
-        name, model_uri, run_id=run_id, tags={k: str(v)[:5000] for k, v in tags.items()},
-        model_id=model_id,
-    )
-    return str(mv.version)
+    token = uuid.uuid4().hex
+    all_tags = {k: str(v)[:5000] for k, v in tags.items()}
+    all_tags["attnflow.registration_id"] = token
+
+    def create() -> str:
+        # the request may have reached the server before the connection broke
+        for mv in mlc.raw.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
+            if mv.tags.get("attnflow.registration_id") == token:
+                return str(mv.version)
+        mv = mlc.raw.create_model_version(
+            name, model_uri, run_id=run_id, tags=all_tags, model_id=model_id
+        )
+        return str(mv.version)
+
+    return with_retries("create_model_version", create, mlc.uri)
 
 
 def tag_version(
@@ -282,6 +406,33 @@ def lineage_tags(lineage: dict[str, Any], evaluation: dict[str, Any] | None) -> 
     return tags
 
 
+def _gate_summary_from_tags(tags: dict[str, str]) -> dict[str, Any]:
+    """The gate summary of an already registered version, read back from its tags."""
+    metrics = {}
+    for key, value in tags.items():
+        if key.startswith("gate.") and key not in ("gate.passed", "gate.reason"):
+            try:
+                metrics[key.removeprefix("gate.").replace("_at_", "@")] = float(value)
+            except ValueError:
+                continue
+    return {
+        "passed": tags.get("gate.passed") == "true",
+        "reasons": [tags.get("gate.reason", "")],
+        "metrics": metrics,
+    }
+
+
+def _versions_of_run(run_id: str, name: str, root: Path) -> list[Any]:
+    """Every version registered from training run `run_id`, newest first."""
+    found = _client(root).search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    return sorted(found, key=lambda v: int(v.version), reverse=True)
+
+
+def _is_complete(mv: Any) -> bool:
+    # versions registered without register_candidate (or before the tag existed) are whole
+    return mv.tags.get(REGISTRATION_TAG, COMPLETE) == COMPLETE
+
+
 def register_candidate(
     cfg, root: Path = Path("."), actor: str = "attnflow register"
 ) -> dict[str, Any]:
@@ -289,6 +440,11 @@ def register_candidate(
 
     A version that fails its gates is still registered (so the failure is on record,
     as tags) but gets no alias, and `GateFailed` is raised.
+
+    Idempotent per training run: a version is created `pending` and marked `complete`
+    only after its gate tags and alias are set. A rerun for the same run finishes a
+    pending version (if the tracking server went away mid-way) instead of creating
+    another, and returns a complete one as it is.
     """
     from pipelines.errors import DataError
     from pipelines.gates import GateFailed, gate_candidate
@@ -305,17 +461,48 @@ def register_candidate(
         raise DataError(
             f"{model_dir} was not produced by the run in {train_report}; rerun `attnflow train`"
         )
-    eval_path = Path(root) / cfg.paths.reports_dir / "evaluate.json"
-    evaluation = json.loads(eval_path.read_text()) if eval_path.exists() else None
-    version = register(
-        trained["model_uri"], trained["mlflow_run_id"], lineage_tags(lineage, evaluation), root
-    )
+    run_id, name = trained["mlflow_run_id"], model_name()
+    existing = _versions_of_run(run_id, name, root)
+    done = next((mv for mv in existing if _is_complete(mv)), None)
+    if done is not None:
+        version = str(done.version)
+        log.info("run %s is already registered as v%s", run_id, version)
+        summary = _gate_summary_from_tags(done.tags)
+        if not summary["passed"]:
+            raise GateFailed(f"version {version} failed its gates: {done.tags.get('gate.reason')}")
+        now = {v: a for a, v in aliases(name, root).items()}
+        return {
+            "version": version,
+            "champion": get_alias(CHAMPION, root=root),
+            "gates": summary,
+            "alias": now.get(version),
+            "resumed": False,
+            "already_registered": True,
+        }
+    pending = next((mv for mv in existing if not _is_complete(mv)), None)
+    if pending is not None:
+        version = str(pending.version)
+        log.warning("v%s of run %s was left pending; finishing its registration", version, run_id)
+    else:
+        eval_path = Path(root) / cfg.paths.reports_dir / "evaluate.json"
+        evaluation = json.loads(eval_path.read_text()) if eval_path.exists() else None
+        tags = {**lineage_tags(lineage, evaluation), REGISTRATION_TAG: PENDING}
+        version = register(trained["model_uri"], run_id, tags, root)
     champion = get_alias(CHAMPION, root=root)
-    source = f"models:/{model_name()}@{CHAMPION}" if champion else None
+    # A first model whose `champion` alias was set before the server went away is
+    # gated like a first model again (against the baselines), not against itself.
+    against = champion if champion not in (None, version) else None
+    source = f"models:/{name}@{CHAMPION}" if against else None
     result = gate_candidate(cfg, root, model_dir, source)
     tag_version(version, result.tags(), root=root)
-    out = {"version": version, "champion": champion, "gates": gate_summary(result)}
+    out = {
+        "version": version,
+        "champion": champion,
+        "gates": gate_summary(result),
+        "resumed": pending is not None,
+    }
     if not result.passed:
+        tag_version(version, {REGISTRATION_TAG: COMPLETE}, root=root)
         raise GateFailed(f"version {version} failed its gates: {'; '.join(result.reasons)}")
     if champion is None:
         set_alias(
@@ -326,27 +513,43 @@ def register_candidate(
             root=root,
         )
         out["alias"] = CHAMPION
+    elif champion == version:
+        out["alias"] = CHAMPION  # set by the run that was cut short
     else:
-        set_alias(
-            CHALLENGER, version, actor, f"passed offline gates vs champion v{champion}", root=root
-        )
+        if get_alias(CHALLENGER, root=root) != version:
+            set_alias(
+                CHALLENGER,
+                version,
+                actor,
+                f"passed offline gates vs champion v{champion}",
+                root=root,
+            )
         out["alias"] = CHALLENGER
+    tag_version(version, {REGISTRATION_TAG: COMPLETE}, root=root)
     return out
 
 
-def registered_version_of_run(run_id: str, root: Path = Path("."),
-                              name: str | None = None) -> dict[str, Any] | None:
-    """The version already registered from training run `run_id`, with its alias, if any."""
+def registered_version_of_run(
+    run_id: str, root: Path = Path("."), name: str | None = None
+) -> dict[str, Any] | None:
+    """The version completely registered from training run `run_id`, with its alias, if any.
+
+    A version left `pending` (registration cut short) does not count: the caller is
+    expected to run `register_candidate` again, which finishes it.
+    """
     from mlflow.exceptions import MlflowException
 
     name = name or model_name()
     try:
-        found = _client(root).search_model_versions(f"name='{name}' and run_id='{run_id}'")
+        found = [mv for mv in _versions_of_run(run_id, name, root) if _is_complete(mv)]
     except MlflowException:
         return None
     if not found:
         return None
-    mv = max(found, key=lambda v: int(v.version))
+    mv = found[0]
     now = {v: a for a, v in aliases(name, root).items()}
-    return {"version": str(mv.version), "alias": now.get(str(mv.version)),
-            "gate_passed": mv.tags.get("gate.passed")}
+    return {
+        "version": str(mv.version),
+        "alias": now.get(str(mv.version)),
+        "gate_passed": mv.tags.get("gate.passed"),
+    }

@@ -15,14 +15,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import shutil
+import signal
+import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import copy_repo, venv_env
+from tests.conftest import REPO, copy_repo, venv_env
 
 ATTNFLOW = str(Path(sys.executable).parent / "attnflow")
 
@@ -146,3 +153,183 @@ def test_data_verify_names_a_corrupted_cache_object(data_clone):
     assert len(lines) == 1, bad.stderr
     assert f"data/split/{victim['relpath']}" in lines[0] and str(obj) in lines[0]
     assert victim["md5"] in lines[0]
+
+
+# --- MLflow: the tracking server goes away while a model is registered ----------------------------
+
+
+def _start_mlflow(root: Path, port: int):
+    """A real `mlflow server` on 127.0.0.1:`port` over `root`'s SQLite file and artifacts."""
+    import httpx
+
+    from services.launch import spawn
+
+    handle = spawn(
+        "mlflow",
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "mlartifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        port,
+        env={},
+        log_dir=root / "logs",
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{handle.url}/health", timeout=2, trust_env=False).status_code == 200:
+                return handle
+        except httpx.HTTPError:
+            pass
+        assert handle.alive(), handle.log_tail()
+        time.sleep(0.3)
+    handle.kill()
+    raise AssertionError(f"mlflow server not up after 120 s:\n{handle.log_tail()}")
+
+
+@pytest.fixture
+def mlflow_project(tmp_path, monkeypatch):
+    """A project folder with a tiny synthetic split, talking to its own MLflow server."""
+    from pipelines.config import SyntheticConfig
+    from services.launch import free_port
+    from tests.model.conftest import make_split
+
+    make_split(
+        tmp_path / "data" / "split",
+        SyntheticConfig(
+            n_users=200, n_items=80, n_topics=4, events_per_user=12, pattern_prob=0.7, seed=11
+        ),
+    )
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    for key, value in {
+        "MLFLOW_TRACKING_URI": url,
+        "ATTNFLOW_STATE_DIR": str(tmp_path / ".attnflow"),
+        "ATTNFLOW_MODEL_NAME": "attnflow-faults",
+        # attnflow's own retries are what is under test: MLflow's are switched off,
+        # and a hung server answers nothing within 3 s
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "3",
+        "ATTNFLOW_REGISTRY_RETRIES": "3",
+        "ATTNFLOW_REGISTRY_BACKOFF_S": "0.2",
+    }.items():
+        monkeypatch.setenv(key, value)
+    servers = [_start_mlflow(tmp_path, port)]
+    try:
+        yield {"root": tmp_path, "port": port, "url": url, "servers": servers}
+    finally:
+        for server in servers:
+            if server.alive():
+                os.killpg(server.pid, signal.SIGCONT)  # a stopped process ignores SIGTERM
+                server.kill()
+
+
+def _train_tiny(root: Path):
+    """One epoch through the real train stage: reports/train.json, the model, an MLflow run."""
+    from pipelines import train
+    from tests.model.conftest import small_config
+
+    cfg = small_config(**{"train.epochs": 1, "ingest.dataset": "synthetic"})
+    train.run(cfg, root)
+    return cfg, json.loads((root / "reports" / "train.json").read_text())["mlflow_run_id"]
+
+
+def _versions_in_db(root: Path) -> list[tuple[str, int]]:
+    """(name, version) rows of the server's backend store, read directly."""
+    with sqlite3.connect(root / "mlflow.db") as db:
+        return db.execute("SELECT name, version FROM model_versions").fetchall()
+
+
+# Two MLflow server starts, a training run and a CLI start: about 100 s on 2 loaded cores.
+@pytest.mark.slow
+def test_registration_survives_the_tracking_server_dying(mlflow_project, caplog):
+    """Hung mid-way, then down: retried with backoff, one clear error (75 via the CLI).
+    Back on the same store: nothing half registered; a rerun finishes the same version once."""
+    from mlflow import MlflowClient
+
+    from pipelines.registry import (
+        CHAMPION,
+        COMPLETE,
+        PENDING,
+        REGISTRATION_TAG,
+        RegistryUnavailable,
+        aliases,
+        register_candidate,
+        registered_version_of_run,
+    )
+
+    root, port, servers = mlflow_project["root"], mlflow_project["port"], mlflow_project["servers"]
+    cfg, run_id = _train_tiny(root)
+
+    # 1. the server hangs (SIGSTOP) right after the version is created, mid-registration
+    outcome: dict = {}
+
+    def registering() -> None:
+        try:
+            outcome["out"] = register_candidate(cfg, root)
+        except Exception as exc:  # the assertion below says what it was
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=registering)
+    worker.start()
+    deadline = time.monotonic() + 120
+    while not _versions_in_db(root) and worker.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(servers[-1].pid, signal.SIGSTOP)
+    worker.join(timeout=120)
+    assert isinstance(outcome.get("error"), RegistryUnavailable), outcome
+    assert "unreachable (Read timed out)" in str(outcome["error"])
+
+    # 2. the server is down (killed): a rerun retries with backoff, then fails clearly
+    os.killpg(servers[-1].pid, signal.SIGCONT)
+    servers[-1].kill()
+    caplog.clear()
+    caplog.set_level(logging.WARNING, logger="pipelines.registry")
+    with pytest.raises(RegistryUnavailable) as err:
+        register_candidate(cfg, root)
+    message = str(err.value)
+    assert "\n" not in message and f"127.0.0.1:{port}" in message
+    assert "unreachable (Connection refused)" in message and "4 attempts" in message
+    retries = [r for r in caplog.records if "retry" in r.getMessage()]
+    assert [r.getMessage().split("retry ")[1][:3] for r in retries] == ["1/3", "2/3", "3/3"]
+    proc = _cli(["register"], root, timeout=180)
+    assert proc.returncode == 75, proc.stderr  # transient: the orchestrator retries
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and "unreachable" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    # 3. back on the same store: no alias on a partial version, every version has lineage
+    servers.append(_start_mlflow(root, port))
+    mlc = MlflowClient(mlflow_project["url"])
+    versions = mlc.search_model_versions("name='attnflow-faults'")
+    assert len(versions) == 1
+    partial = versions[0]
+    assert partial.tags[REGISTRATION_TAG] == PENDING
+    assert partial.tags["mlflow_run_id"] == run_id and "git_commit" in partial.tags
+    assert aliases(root=root) == {}  # the cut-short registration moved no alias
+    assert registered_version_of_run(run_id, root) is None  # the retrain flow will rerun it
+
+    # 4. a rerun finishes that same version; another rerun changes nothing
+    out = register_candidate(cfg, root)
+    assert out["version"] == str(partial.version) and out["resumed"] and out["alias"] == CHAMPION
+    again = register_candidate(cfg, root)
+    assert again["version"] == out["version"] and again["already_registered"]
+    versions = mlc.search_model_versions("name='attnflow-faults'")
+    assert len(versions) == 1
+    tags = versions[0].tags
+    assert tags[REGISTRATION_TAG] == COMPLETE and tags["gate.passed"] == "true"
+    assert aliases(root=root) == {CHAMPION: out["version"]}
+    assert registered_version_of_run(run_id, root)["version"] == out["version"]
