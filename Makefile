@@ -26,6 +26,7 @@ demo: venv
 
 test: venv
 	$(BIN)/ruff check .
+	$(BIN)/python tools/audit.py
 	$(BIN)/python -m pytest -q
 
 test-slow: venv

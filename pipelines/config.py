@@ -5,19 +5,53 @@ same file for its per-key params). `load_config` validates it into `Config`;
 `--set section.key=value` overrides are applied before validation. Unknown or
 mistyped keys are rejected with a message that names the key. Secrets and service
 URIs never live here: they come from the environment.
+
+Paths (`paths.*`, `ingest.eventlog.path` / `items_path`, `ingest.feedback_dir`,
+`serve.feedback_log`): a relative path is read from the repository root and must stay
+under it; one that climbs out with `..` (`../../etc/passwd`, `data/../../x`) is refused
+with an error naming the key, so a params override or a copied params.yaml cannot
+make a stage read or write elsewhere by accident. The check is on the written path
+(no symlinks are followed). An absolute path is the operator's explicit choice of a
+place outside the repository (an event log on a data volume) and is taken as written.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from pipelines.errors import ConfigError
 
 DEFAULT_PARAMS = Path("params.yaml")
+
+
+def _stays_in_repo(path: Path) -> Path:
+    """A relative path that does not climb out of the repository root with `..`."""
+    if path.is_absolute():
+        return path  # an explicit place outside the repository (see the module docstring)
+    depth = 0
+    for part in path.parts:
+        depth += -1 if part == ".." else (0 if part == "." else 1)
+        if depth < 0:
+            raise ValueError(
+                f"{str(path)!r} leaves the repository root; "
+                "use a path under it, or an absolute path"
+            )
+    return path
+
+
+# A config path: relative ones must stay under the repository root.
+RepoPath = Annotated[Path, AfterValidator(_stays_in_repo)]
 
 
 class Section(BaseModel):
@@ -29,9 +63,9 @@ class Section(BaseModel):
 class PathsConfig(Section):
     """Where stages read and write, relative to the project root."""
 
-    data_dir: Path = Path("data")
-    reports_dir: Path = Path("reports")
-    gx_root: Path = Path(".")  # the Great Expectations file context lives in <gx_root>/gx
+    data_dir: RepoPath = Path("data")
+    reports_dir: RepoPath = Path("reports")
+    gx_root: RepoPath = Path(".")  # the Great Expectations file context lives in <gx_root>/gx
 
     @property
     def ingested_dir(self) -> Path:
@@ -45,8 +79,8 @@ class PathsConfig(Section):
     def reference_dir(self) -> Path:
         return self.data_dir / "reference"
 
-    models_dir: Path = Path("models")
-    checkpoints_dir: Path = Path(".attnflow/checkpoints")
+    models_dir: RepoPath = Path("models")
+    checkpoints_dir: RepoPath = Path(".attnflow/checkpoints")
 
     @property
     def model_dir(self) -> Path:
@@ -69,8 +103,8 @@ class ColumnMapping(Section):
 class EventLogConfig(Section):
     """A CSV or Parquet event log of your own (`ingest.dataset: eventlog`)."""
 
-    path: Path | None = None
-    items_path: Path | None = None  # optional CSV/Parquet with item_id,title,genres,text
+    path: RepoPath | None = None
+    items_path: RepoPath | None = None  # optional CSV/Parquet with item_id,title,genres,text
     format: Literal["auto", "csv", "parquet"] = "auto"
     columns: ColumnMapping = Field(default_factory=ColumnMapping)
     ts_unit: Literal["s", "ms", "us", "iso"] = "s"
@@ -97,7 +131,7 @@ class IngestConfig(Section):
     eventlog: EventLogConfig = Field(default_factory=EventLogConfig)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     # served feedback: every *.jsonl log in this folder is appended to the events
-    feedback_dir: Path | None = Path("data/feedback")
+    feedback_dir: RepoPath | None = Path("data/feedback")
     since: str | None = None  # keep events at or after this ISO timestamp (data since)
 
 
@@ -292,7 +326,7 @@ class ServeConfig(Section):
     max_k: int = Field(100, ge=1)
     max_batch_size: int = Field(64, ge=1)  # adaptive batching
     max_latency_ms: int = Field(50, ge=1)
-    feedback_log: Path = Path("data/feedback/served.jsonl")
+    feedback_log: RepoPath = Path("data/feedback/served.jsonl")
     mlflow_port: int = Field(5000, ge=1, le=65535)  # `attnflow up`: the MLflow server
     prefect_port: int = Field(4200, ge=1, le=65535)  # `attnflow up`: the Prefect server
     webhook_port: int = Field(8090, ge=1, le=65535)  # `attnflow up`: the webhook receiver

@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import urllib.error
 import urllib.request
@@ -165,6 +166,55 @@ def _from_mirror(spec: DatasetSpec, mirror: Path) -> Path | None:
     return folder
 
 
+class UnsafeArchive(DatasetUnavailable):
+    """An archive with a member that would land outside its folder when unpacked."""
+
+
+def unsafe_member(info: zipfile.ZipInfo) -> str | None:
+    """Why unpacking this member could write outside the target folder, or None if safe.
+
+    Absolute names, drive letters and `..` climb out (zip slip); a symlink member
+    would let a later member write through it.
+    """
+    name = info.filename.replace("\\", "/")
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        return "an absolute path"
+    if ".." in name.split("/"):
+        return "a '..' component"
+    if stat.S_ISLNK(info.external_attr >> 16):
+        return "a symbolic link"
+    return None
+
+
+def unpack_zip(archive: Path, prefix: str, files: tuple[str, ...], dest: Path) -> None:
+    """Copy `prefix/<file>` for each of `files` out of `archive` into `dest`.
+
+    Every member is checked before anything is written: an archive holding even one
+    member that could escape (`unsafe_member`) is refused whole, since it was not
+    made by the dataset's publisher. Each file is then written under its registry
+    name, never under the name the archive gives it.
+    """
+    try:
+        zf = zipfile.ZipFile(archive)
+    except zipfile.BadZipFile as exc:
+        raise DatasetUnavailable(f"{archive.name}: not a zip archive ({exc})") from None
+    with zf:
+        for info in zf.infolist():
+            why = unsafe_member(info)
+            if why is not None:
+                raise UnsafeArchive(
+                    f"{archive.name}: member {info.filename!r} is {why}; refusing to unpack"
+                )
+        for f in files:
+            member = f"{prefix}/{f}" if prefix else f
+            try:
+                src = zf.open(member)
+            except KeyError:
+                raise DatasetUnavailable(f"{archive.name}: no member {member!r}") from None
+            with src, open(dest / f, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+
+
 def _download(spec: DatasetSpec, root: Path, timeout: float) -> Path:
     assert spec.url and spec.sha256
     folder = root / "datasets" / spec.name
@@ -184,11 +234,7 @@ def _download(spec: DatasetSpec, root: Path, timeout: float) -> Path:
         staged = tmp / "staged"
         staged.mkdir()
         if spec.archive == "zip":
-            with zipfile.ZipFile(download) as zf:
-                for f in spec.files:
-                    member = f"{spec.archive_prefix}/{f}" if spec.archive_prefix else f
-                    with zf.open(member) as src, open(staged / f, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
+            unpack_zip(download, spec.archive_prefix, spec.files, staged)
         else:
             shutil.copyfile(download, staged / spec.files[0])
         lines = [f"{sha256_file(staged / f)}  {f}" for f in spec.files]

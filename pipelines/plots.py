@@ -60,7 +60,7 @@ def attention_heatmap(rows: list[dict[str, Any]], path: Path) -> Path:
     for ax, row in zip(axes[:, 0], rows, strict=True):
         weights = np.asarray(row["attention"])[None, :]
         ax.imshow(weights, aspect="auto", cmap="viridis")
-        ax.set_yticks([0], [f"user {row['user_id']}"], fontsize=7)
+        ax.set_yticks([0], [f"user {row['user']}"], fontsize=7)  # a pseudonym
         labels = [str(t)[:14] for t in row["titles"]]
         ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=6)
     axes[0, 0].set_title("attention over the history when predicting the next item (last layer)")

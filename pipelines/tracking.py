@@ -244,9 +244,13 @@ def log_evaluation(cfg: Config, root: Path, report: dict[str, Any], recommender,
 
 
 def attention_rows(recommender, data, n_users: int) -> list[dict[str, Any]]:
-    """Attention over the latest history of a few users with the longest histories."""
+    """Attention over the latest history of a few users with the longest histories.
+
+    Users are named by their pseudonym (`pipelines.privacy`), never their raw id.
+    """
     import numpy as np
 
+    from pipelines.privacy import user_ref
     from pipelines.sequences import history_batch
 
     spec = recommender.spec
@@ -263,7 +267,8 @@ def attention_rows(recommender, data, n_users: int) -> list[dict[str, Any]]:
         items = batch.items[b, :n].tolist()
         rows.append(
             {
-                "user_id": str(data.users["user_id"].iloc[int(u)]),
+                # The heatmap is an MLflow artifact: it names the user by pseudonym only.
+                "user": user_ref(str(data.users["user_id"].iloc[int(u)])),
                 "attention": attn[b, :n].tolist(),
                 "titles": [titles.get(i, "[mask]") or str(i) for i in items],
             }

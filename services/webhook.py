@@ -67,10 +67,29 @@ def trigger_rollout(version: str, actor: str) -> str:
     return f"process {proc.pid}"
 
 
+async def _capped_body(request: Request, limit: int) -> bytes | None:
+    """The request body, or None once it is over `limit` bytes.
+
+    Read in chunks and given up early, so an oversize (or endless, chunked) delivery
+    costs no more than `limit` bytes of memory before it is refused.
+    """
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def receive(request: Request) -> JSONResponse:
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        return JSONResponse({"error": "payload too large"}, status_code=413)
+    body = await _capped_body(request, MAX_BODY)
+    if body is None:
+        log.warning("delivery refused: body over %d bytes", MAX_BODY)
+        return JSONResponse({"error": f"payload over {MAX_BODY} bytes"}, status_code=413)
     guard: ReplayGuard = request.app.state.guard
     try:
         payload = verify(os.environ.get(SECRET_ENV, ""), dict(request.headers), body, guard)

@@ -291,3 +291,258 @@ def test_valid_event_logs_round_trip(rows, fmt):
         pd.testing.assert_frame_equal(back, original, check_exact=False, rtol=1e-12)
     finally:
         shutil.rmtree(folder)
+
+
+# --- oversize bodies: 413 from the service and from the gateway, never a 5xx -----------------
+
+OVERSIZE = 1_100_000  # over serve.max_body_bytes (1 000 000)
+
+
+def _chunked(total: int, chunk: int = 50_000):
+    """A body sent with Transfer-Encoding: chunked (no Content-Length to refuse it by)."""
+    for _ in range(total // chunk):
+        yield b"x" * chunk
+
+
+def test_oversize_bodies_are_refused_by_the_service_and_the_gateway(stack):
+    import httpx
+
+    big = b'{"history": ["' + b"x" * OVERSIZE + b'"]}'
+    targets = [
+        (stack.service.url, ["/recommend", "/similar", "/feedback"]),
+        (stack.gateway.url, ["/recommend", "/similar", "/feedback", "/admin/weight"]),
+    ]
+    with httpx.Client(timeout=30, trust_env=False) as http:
+        for base, paths in targets:
+            for path in paths:
+                headers = {"Content-Type": "application/json"}
+                if path.startswith("/admin"):
+                    headers["Authorization"] = f"Bearer {stack.admin_token}"
+                sized = http.post(base + path, content=big, headers=headers)
+                chunked = http.post(base + path, content=_chunked(OVERSIZE), headers=headers)
+                for r in (sized, chunked):
+                    assert r.status_code == 413, (base, path, r.status_code, r.text[:200])
+        # Both still answer a normal request afterwards.
+        ok = http.post(stack.gateway.url + "/recommend", json={"history": [], "k": 3})
+        assert ok.status_code == 200, ok.text
+
+
+# --- names and paths that try to leave their folders -----------------------------------------
+
+
+def test_dataset_names_that_escape_are_unknown():
+    import pytest
+
+    from pipelines.datasets import resolve_dataset
+    from pipelines.errors import DatasetUnavailable
+
+    for name in ("../etc", "/etc/passwd", "ml-latest-small/../../x", "..", "games/../games"):
+        with pytest.raises(DatasetUnavailable, match="unknown dataset"):
+            resolve_dataset(name)
+
+
+def _zip(path: Path, members: dict[str, bytes], symlinks: dict[str, str] | None = None) -> Path:
+    """A zip archive with the given members (names written as given, unchecked)."""
+    import stat
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(zipfile.ZipInfo(name), data)
+        for name, target in (symlinks or {}).items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(info, target)
+    return path
+
+
+def _download_spec(archive: Path):
+    """A registry entry whose official download is `archive` (a file:// URL, checksum pinned)."""
+    from pipelines.datasets import DatasetSpec, sha256_file
+
+    return DatasetSpec(
+        name="evil",
+        reader="movielens",
+        files=("ratings.csv",),
+        url=archive.as_uri(),
+        sha256=sha256_file(archive),
+        archive="zip",
+        archive_prefix="evil",
+    )
+
+
+def test_archives_with_members_that_escape_are_refused_and_write_nothing(tmp_path):
+    """Zip slip: `../`, absolute and symlink members refuse the whole archive, even when
+    its checksum matches (the registry pins what was published, not what is safe)."""
+    import pytest
+
+    from pipelines.datasets import UnsafeArchive, _download
+
+    good = {"evil/ratings.csv": b"userId,movieId,rating,timestamp\n1,2,3.0,4\n"}
+    cases = {
+        "dotdot": ({**good, "evil/../../escaped.txt": b"pwned"}, None),
+        "absolute": ({**good, str(tmp_path / "escaped.txt"): b"pwned"}, None),
+        "backslash": ({**good, "..\\..\\escaped.txt": b"pwned"}, None),
+        "symlink": (good, {"evil/link": str(tmp_path)}),
+    }
+    for label, (members, links) in cases.items():
+        work = tmp_path / label
+        work.mkdir()
+        archive = _zip(work / "evil.zip", members, links)
+        cache = work / "cache"
+        with pytest.raises(UnsafeArchive, match="refusing to unpack"):
+            _download(_download_spec(archive), cache, timeout=5)
+        # Nothing was written: no dataset folder, no escaped file anywhere near.
+        assert not (cache / "datasets" / "evil").exists(), label
+        assert not list(tmp_path.rglob("escaped.txt")), label
+        assert not list(cache.rglob("*.csv")), label
+    # The same archive without the bad member unpacks.
+    clean = _zip(tmp_path / "clean.zip", good)
+    folder = _download(_download_spec(clean), tmp_path / "clean-cache", timeout=5)
+    assert (folder / "ratings.csv").read_bytes() == good["evil/ratings.csv"]
+
+
+ESCAPING_PATHS = {
+    "paths.data_dir": "../outside",
+    "paths.reports_dir": "reports/../../outside",
+    "paths.models_dir": "..",
+    "paths.checkpoints_dir": "./../x",
+    "paths.gx_root": "../..",
+    "ingest.eventlog.path": "data/../../../etc/passwd",
+    "ingest.eventlog.items_path": "../items.csv",
+    "ingest.feedback_dir": "../feedback",
+    "serve.feedback_log": "../../served.jsonl",
+}
+
+
+def test_config_paths_that_climb_out_of_the_repository_are_refused_naming_the_key():
+    import pytest
+
+    from pipelines.config import load_config
+    from pipelines.errors import ConfigError
+
+    for key, value in ESCAPING_PATHS.items():
+        with pytest.raises(ConfigError) as err:
+            load_config("params.yaml", [f"{key}={value}"])
+        message = str(err.value)
+        assert "\n" not in message and key in message and "leaves the repository root" in message
+    # Paths under the root (even through `..` that stays inside) and absolute paths are fine.
+    cfg = load_config(
+        "params.yaml",
+        ["paths.data_dir=data/../data2", "ingest.eventlog.path=/srv/logs/events.csv"],
+    )
+    assert cfg.paths.data_dir == Path("data/../data2")
+    assert cfg.ingest.eventlog.path == Path("/srv/logs/events.csv")
+
+
+# --- webhooks: forged, replayed, stale and oversize deliveries start no rollout --------------
+
+WEBHOOK_SECRET = "webhook-test-" + os.urandom(8).hex()
+
+
+def _alias_delivery(version: str = "7", alias: str = "challenger", name: str = "attnflow") -> bytes:
+    import json
+
+    return json.dumps(
+        {
+            "entity": "model_version_alias",
+            "action": "created",
+            "data": {"name": name, "alias": alias, "version": version},
+        }
+    ).encode()
+
+
+def _signed(
+    body: bytes, delivery: str, ts: int | str, secret: str = WEBHOOK_SECRET
+) -> dict[str, str]:
+    from pipelines.webhooks import sign
+
+    return {
+        "Content-Type": "application/json",
+        "X-MLflow-Delivery-Id": delivery,
+        "X-MLflow-Timestamp": str(ts),
+        "X-MLflow-Signature": sign(secret, delivery, str(ts), body),
+    }
+
+
+def _rollout_traces(state: Path) -> list[str]:
+    """What `trigger_rollout` leaves behind: rollout logs (and any lock) in the state dir."""
+    run = state / "run"
+    found = [p.name for p in run.glob("rollout*")] if run.exists() else []
+    return found + [p.name for p in state.rglob("*.lock")]
+
+
+def test_forged_replayed_stale_and_oversize_webhooks_start_no_rollout(tmp_path):
+    import json
+    import sys
+    import time
+
+    import httpx
+
+    from services.launch import free_port, spawn, stop_all
+
+    state = tmp_path / "state"
+    (state / "run").mkdir(parents=True)
+    # A delivery the receiver saw before it restarted: its replay memory is on disk.
+    seen_id = "delivery-seen-before"
+    (state / "run" / "webhook-deliveries.json").write_text(json.dumps({seen_id: time.time()}))
+    port = free_port()
+    receiver = spawn(
+        "webhook",
+        [sys.executable, "-m", "services.webhook", "--host", "127.0.0.1", "--port", str(port)],
+        port,
+        env={
+            "ATTNFLOW_WEBHOOK_SECRET": WEBHOOK_SECRET,
+            "ATTNFLOW_ROOT": str(tmp_path),
+            "ATTNFLOW_STATE_DIR": str(state),
+            "PREFECT_API_URL": "",  # a rollout would be a local process, leaving a log
+        },
+        log_dir=tmp_path / "logs",
+    )
+    url = f"http://127.0.0.1:{port}/webhook"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/livez", timeout=1, trust_env=False)
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, receiver.log_tail()
+                time.sleep(0.2)
+        body, now = _alias_delivery(), int(time.time())
+        forged = dict(_signed(body, "d-forged", now, secret="not-the-secret"))
+        tampered = _signed(body, "d-tampered", now)
+        unsigned = {"Content-Type": "application/json"}
+        attempts = {
+            "wrong secret": (body, forged, 401),
+            "body changed after signing": (_alias_delivery(version="8"), tampered, 401),
+            "no signature headers": (body, unsigned, 401),
+            "signature of another delivery id": (
+                body,
+                {**_signed(body, "d-a", now), "X-MLflow-Delivery-Id": "d-b"},
+                401,
+            ),
+            "replayed (seen before a restart)": (body, _signed(body, seen_id, now), 400),
+            "stale timestamp": (body, _signed(body, "d-stale", now - 3600), 400),
+            "future timestamp": (body, _signed(body, "d-future", now + 3600), 400),
+            "timestamp not a number": (body, _signed(body, "d-nan", "soon"), 400),
+            "oversize": (b"{" + b" " * 70_000 + b"}", _signed(b"{}", "d-big", now), 413),
+        }
+        with httpx.Client(timeout=10, trust_env=False) as http:
+            for label, (content, headers, status) in attempts.items():
+                r = http.post(url, content=content, headers=headers)
+                assert r.status_code == status, (label, r.status_code, r.text)
+            # A genuine delivery that asks for no rollout is accepted (the checks above
+            # are not refusing everything); its replay is then refused.
+            other = _alias_delivery(name="someone-elses-model")
+            fresh = _signed(other, "d-fresh", now)
+            assert http.post(url, content=other, headers=fresh).status_code == 202
+            replay = http.post(url, content=other, headers=fresh)
+            assert replay.status_code == 400 and "replay" in replay.json()["error"]
+        assert _rollout_traces(state) == []
+        assert not (tmp_path / ".attnflow").exists()  # nothing under the root's default either
+        log_text = receiver.log_path.read_text()
+        assert log_text.count("delivery refused") >= len(attempts)
+        assert WEBHOOK_SECRET not in log_text
+    finally:
+        stop_all([receiver])
