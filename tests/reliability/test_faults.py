@@ -333,3 +333,128 @@ def test_registration_survives_the_tracking_server_dying(mlflow_project, caplog)
     assert tags[REGISTRATION_TAG] == COMPLETE and tags["gate.passed"] == "true"
     assert aliases(root=root) == {CHAMPION: out["version"]}
     assert registered_version_of_run(run_id, root)["version"] == out["version"]
+
+
+# --- the feedback log's disk fills up under a real model service --------------------------------
+
+
+@pytest.fixture(scope="module")
+def feedback_service(tiny_model, tmp_path_factory):
+    """A real model service whose feedback log lives in its own folder (`fb/`)."""
+    from services.launch import start_model_service
+
+    root = tmp_path_factory.mktemp("faults-feedback")
+    (root / "fb").mkdir()
+    handle = start_model_service(
+        tiny_model.folder,
+        feedback_log=root / "fb" / "events.jsonl",
+        env={"BENTOML_HOME": str(root / "bentoml")},
+        log_dir=root / "logs",
+        timeout=180,
+    )
+    try:
+        yield {"url": handle.url, "dir": root / "fb", "log": root / "fb" / "events.jsonl"}
+    finally:
+        handle.stop()
+
+
+def _events(tag: str, n: int) -> list[dict]:
+    """`n` click events with ids `tag-<i>`, each about 100 bytes in the log."""
+    return [
+        {
+            "user_id": f"user-{tag}-{i}",
+            "item_id": f"item-{i}",
+            "event": "click",
+            "event_id": f"{tag}-{i}",
+        }
+        for i in range(n)
+    ]
+
+
+def _post_feedback(url: str, events: list[dict]):
+    import httpx
+
+    return httpx.post(f"{url}/feedback", json={"events": events}, timeout=30, trust_env=False)
+
+
+def _logged_ids(path: Path) -> list[str]:
+    """The event ids in the log; every line must parse (a torn line fails the test)."""
+    return [json.loads(line)["event_id"] for line in path.read_text().splitlines()]
+
+
+def test_feedback_on_a_full_disk_answers_503_and_loses_nothing(feedback_service, tmp_path):
+    """A genuinely full file system (a 256 KiB tmpfs under the log): 503, the earlier
+    events intact, and accepted again once space is freed."""
+    folder, log_file, url = (
+        feedback_service["dir"],
+        feedback_service["log"],
+        feedback_service["url"],
+    )
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+    )
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mount.stderr.strip()}); see the unwritable test")
+    try:
+        first = _post_feedback(url, _events("before", 5))
+        assert first.status_code == 200 and first.json()["written"] == 5, first.text
+        size = log_file.stat().st_size
+        # fill the file system to the last block
+        with open(folder / "filler", "wb", buffering=0) as fh:
+            try:
+                while True:
+                    fh.write(b"\0" * 4096)
+            except OSError as exc:
+                assert exc.errno == 28  # ENOSPC: the disk is genuinely full
+        # a batch larger than the log's partly used last page cannot fit anywhere
+        batch = _events("full", 100)
+        r = _post_feedback(url, batch)
+        assert r.status_code == 503, r.text
+        assert "disk is full" in r.text
+        assert log_file.stat().st_size == size  # rolled back: no torn line
+        assert _logged_ids(log_file) == [f"before-{i}" for i in range(5)]
+
+        (folder / "filler").unlink()  # space is freed: the same batch goes through
+        r = _post_feedback(url, batch)
+        assert r.status_code == 200 and r.json()["written"] == 100, r.text
+        ids = _logged_ids(log_file)
+        assert ids == [f"before-{i}" for i in range(5)] + [f"full-{i}" for i in range(100)]
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_feedback_to_an_unwritable_log_answers_503_and_recovers(feedback_service):
+    """The log's folder replaced by a file (as when its volume is gone): 503, nothing lost."""
+    folder, log_file, url = (
+        feedback_service["dir"],
+        feedback_service["log"],
+        feedback_service["url"],
+    )
+    first = _post_feedback(url, _events("kept", 3))
+    assert first.status_code == 200, first.text
+    kept = folder.with_name("fb-moved")
+    folder.rename(kept)
+    folder.write_text("not a folder")
+    try:
+        r = _post_feedback(url, _events("lost", 3))
+        assert r.status_code == 503 and "cannot be written" in r.text, r.text
+        assert [i for i in _logged_ids(kept / "events.jsonl") if i.startswith("kept")] == [
+            "kept-0",
+            "kept-1",
+            "kept-2",
+        ]
+    finally:
+        folder.unlink()
+        kept.rename(folder)
+    r = _post_feedback(url, _events("lost", 3))  # the client's retry is accepted now
+    assert r.status_code == 200 and r.json()["written"] == 3, r.text
+    assert _logged_ids(log_file)[-6:] == [
+        "kept-0",
+        "kept-1",
+        "kept-2",
+        "lost-0",
+        "lost-1",
+        "lost-2",
+    ]
