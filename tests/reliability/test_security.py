@@ -450,3 +450,26 @@ def test_config_has_no_secret_fields():
     names = [*keys(yaml.safe_load((REPO / "params.yaml").read_text())), *fields(Config)]
     assert names and not [n for n in names if SECRET_KEY.search(n)]
     assert not re.search(r"://[^\s/@]+:[^\s/@]+@", (REPO / "params.yaml").read_text())
+
+
+def test_the_local_stack_writes_down_only_the_secrets_it_generated(tmp_path, monkeypatch):
+    """An operator's secret (from the environment) never lands on disk; generated ones do,
+    mode 0600, and stay the same for the next process of the stack."""
+    import shutil
+
+    from services.stack import SECRET_ENVS, Stack
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.setenv("ATTNFLOW_STATE_DIR", str(tmp_path / ".attnflow"))
+    for name in SECRET_ENVS:
+        monkeypatch.delenv(name, raising=False)
+    operator = "operator-token-" + os.urandom(8).hex()
+    monkeypatch.setenv("ATTNFLOW_ADMIN_TOKEN", operator)
+    first = Stack(tmp_path).secrets()
+    assert first["ATTNFLOW_ADMIN_TOKEN"] == operator
+    path = tmp_path / ".attnflow" / "run" / "secrets.json"
+    stored = json.loads(path.read_text())
+    assert "ATTNFLOW_ADMIN_TOKEN" not in stored and operator not in path.read_text()
+    assert set(stored) == set(SECRET_ENVS) - {"ATTNFLOW_ADMIN_TOKEN"}
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert {k: v for k, v in Stack(tmp_path).secrets().items() if k in stored} == stored
