@@ -7,6 +7,8 @@ each step's bake time the step is judged on that step's own measurements (see
 leaves the aliases as they were and tags the version with the reason. Success moves
 `champion` to the challenger, removes `challenger`, and keeps the old champion's
 service running as a standby for `attnflow rollback`. One rollout at a time.
+A version whose files differ from its manifest's SHA-256s (or that cannot be
+started at all) is refused before the gateway sees it, tagged `rollout.status=refused`.
 """
 
 from __future__ import annotations
@@ -168,7 +170,15 @@ def rollout(version: str | None = None, root: str = ".", actor: str = "rollout f
             "actor": actor,
         }
         gw = GatewayClient(gateway_url)
-        challenger = start_challenger(str(root_path), version)
+        try:
+            challenger = start_challenger(str(root_path), version)
+        except Exception as exc:
+            # corrupt or unloadable: refused before the gateway ever saw it
+            reason = f"refused before any traffic: {exc}"
+            _roll_back(gw, stack, champion, version, reason, root_path, status="refused")
+            report.update(status="refused", reason=reason)
+            report["report"] = str(write_report(state, report))
+            raise RolloutFailed(f"rollout of v{version} {reason}", version, reason) from None
         try:
             gw.set_backends(champion["url"], challenger["url"])
             if not gw.wait_ready(CHALLENGER, timeout=120):
@@ -213,9 +223,15 @@ def rollout(version: str | None = None, root: str = ".", actor: str = "rollout f
 
 
 def _roll_back(
-    gw: GatewayClient, stack: Stack, champion: dict, version: str, reason: str, root: Path
+    gw: GatewayClient,
+    stack: Stack,
+    champion: dict,
+    version: str,
+    reason: str,
+    root: Path,
+    status: str = "rolled_back",
 ) -> None:
-    """Weight 0, challenger stopped, aliases untouched, the reason on the version."""
+    """Weight 0, challenger stopped, aliases untouched, the reason (and `status`) on the version."""
     try:
         gw.abort()
         gw.set_backends(champion["url"], None)
@@ -234,7 +250,7 @@ def _roll_back(
         tag_version(
             version,
             {
-                "rollout.status": "rolled_back",
+                "rollout.status": status,
                 "rollout.reason": reason[:4000],
                 "rollout.at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             },

@@ -185,13 +185,28 @@ def resolve(uri: str, root: Path = Path(".")) -> tuple[str, str, str | None]:
     return name, str(mv.version), alias
 
 
+def _verify(folder: Path, source: str) -> None:
+    """Refuse a fetched model whose files differ from its manifest (corrupt or tampered with).
+
+    Checked here, before anything is started for it, so a corrupt version is refused
+    by the rollout up front instead of by a model service that never gets ready.
+    """
+    from pipelines.model import ModelCorrupted, verify_model_files
+
+    try:
+        verify_model_files(folder)
+    except ModelCorrupted as exc:
+        raise ModelCorrupted(f"{source} is corrupt: {exc}") from None
+
+
 def fetch_model(
     source: str | Path, root: Path = Path("."), dest: Path | None = None
 ) -> FetchedModel:
     """A local folder for `source`: a model folder as is, or a registry URI downloaded.
 
     The folder is the attnflow model (spec.json, weights.safetensors, ...), ready for
-    `pipelines.inference.ServedModel.load`; nothing in it is unpickled.
+    `pipelines.inference.ServedModel.load`; nothing in it is unpickled. A registry
+    version is checked against its manifest's SHA-256s (`ModelCorrupted` names the file).
     """
     source = str(source)
     if not source.startswith("models:/"):
@@ -222,11 +237,18 @@ def fetch_model(
         folder = next(p.parent for p in local.rglob("spec.json"))
         import shutil
 
+        try:
+            _verify(folder, source)
+        except AttnflowError:
+            shutil.rmtree(tmp, ignore_errors=True)  # never cached: a retry downloads afresh
+            raise
         if target.exists():
             shutil.rmtree(target)
         shutil.move(str(folder), str(target))
         shutil.rmtree(tmp, ignore_errors=True)
         marker.write_text(json.dumps({"name": name, "version": version}))
+    else:
+        _verify(target, source)  # the cached copy may have rotted since it was fetched
     return FetchedModel(folder=target, name=name, version=version, alias=alias, run_id=mv.run_id)
 
 

@@ -458,3 +458,114 @@ def test_feedback_to_an_unwritable_log_answers_503_and_recovers(feedback_service
         "lost-1",
         "lost-2",
     ]
+
+
+# --- a corrupted model: refused at load, and refused by the rollout before any traffic ----------
+
+
+def test_corrupted_weights_are_refused_at_load_and_by_the_model_service(tiny_model, tmp_path):
+    """One flipped byte in weights.safetensors: load names the file; the service fails fast."""
+    from pipelines.inference import ServedModel
+    from pipelines.model import ModelCorrupted
+    from services.launch import LaunchError, start_model_service
+
+    folder = Path(shutil.copytree(tiny_model.folder, tmp_path / "model"))
+    _flip_byte(folder / "weights.safetensors")
+    with pytest.raises(ModelCorrupted, match=r"weights\.safetensors does not match its SHA-256"):
+        ServedModel.load(folder)
+    started = time.monotonic()
+    with pytest.raises(LaunchError) as err:
+        start_model_service(
+            folder,
+            env={"BENTOML_HOME": str(tmp_path / "bentoml")},
+            log_dir=tmp_path / "logs",
+            timeout=180,
+        )
+    assert "cannot serve" in str(err.value) and "weights.safetensors does not match" in str(
+        err.value
+    )
+    assert time.monotonic() - started < 150  # the reason, not the readiness timeout
+
+
+def _log_folder(root: Path, folder: Path, note: str) -> str:
+    """Log a model folder in a new MLflow run and register it as a version (no gates)."""
+    from pipelines.registry import register
+    from pipelines.tracking import client, experiment_id, log_trained_model
+
+    mlc = client(root)
+    run = mlc.create_run(experiment_id(mlc, root), run_name=note)
+    summary = {"best_metric": 0.0, "train_seconds": 0.0, "sequences_per_s": 0.0, "epochs_run": 1}
+    uri = log_trained_model(root, run.info.run_id, folder, [{"epoch": 1, "loss": 1.0}], summary)
+    return register(uri, run.info.run_id, {"note": note}, root)
+
+
+# A real MLflow server, two model logs, a champion service, a gateway and Prefect's API.
+@pytest.mark.slow
+def test_a_corrupted_registered_version_is_refused_before_any_traffic(
+    tiny_model, mlflow_project, monkeypatch
+):
+    """Bytes flipped in the artifact store: the rollout refuses it before the gateway moves."""
+    import httpx
+    from mlflow import MlflowClient
+
+    from flows.rollout import rollout
+    from pipelines.registry import CHALLENGER, CHAMPION, aliases, fetch_model, set_alias
+    from pipelines.rollout import RolloutFailed
+    from services.launch import free_port
+    from services.stack import Stack
+
+    root = mlflow_project["root"]
+    token = "faults-admin-" + os.urandom(8).hex()
+    monkeypatch.setenv("ATTNFLOW_ADMIN_TOKEN", token)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["serve"]["gateway_port"] = free_port()  # never the default port of a real stack
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    champion = _log_folder(root, tiny_model.folder, "champion")
+    set_alias(CHAMPION, champion, "test", root=root)
+    bad = _log_folder(root, tiny_model.folder, "to-be-corrupted")
+    set_alias(CHALLENGER, bad, "test", root=root)
+    source = MlflowClient(mlflow_project["url"]).get_model_version("attnflow-faults", bad).source
+    model_id = source.removeprefix("models:/")  # the logged model's folder in the store
+    stored = [p for p in (root / "mlartifacts").rglob("weights.safetensors") if model_id in str(p)]
+    assert len(stored) == 1, stored
+    _flip_byte(stored[0])
+
+    stack = Stack(root)
+    try:
+        fetched = fetch_model(f"models:/attnflow-faults/{champion}", root)
+        served = stack.start_model(champion, str(fetched.folder), role=CHAMPION)
+        gateway = stack.start_gateway(served["url"])
+        admin = {"Authorization": f"Bearer {token}"}
+        seen: list[tuple[int, object]] = []
+        stop = threading.Event()
+
+        def watch() -> None:
+            # what the gateway routes while the rollout runs
+            with httpx.Client(timeout=5, trust_env=False, headers=admin) as http:
+                while not stop.is_set():
+                    try:
+                        state = http.get(f"{gateway['url']}/admin/state").json()
+                        seen.append((state["weight"], state["backends"][CHALLENGER]))
+                    except (httpx.HTTPError, KeyError, ValueError):
+                        pass
+                    stop.wait(0.1)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            with pytest.raises(RolloutFailed, match=r"weights\.safetensors does not match") as err:
+                rollout(version=bad, root=str(root), actor="faults test")
+        finally:
+            stop.set()
+            watcher.join(timeout=10)
+        assert "refused before any traffic" in str(err.value)
+        assert seen and all(weight == 0 and backend is None for weight, backend in seen), seen
+        assert CHALLENGER not in stack.served()
+        assert aliases(root=root) == {CHAMPION: champion, CHALLENGER: bad}  # none moved
+        tags = MlflowClient(mlflow_project["url"]).get_model_version("attnflow-faults", bad).tags
+        assert tags["rollout.status"] == "refused"
+        assert "weights.safetensors does not match" in tags["rollout.reason"]
+        assert not list((root / ".attnflow" / "models").glob(f"attnflow-faults-v{bad}*"))
+    finally:
+        stack.down()
