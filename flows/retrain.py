@@ -33,7 +33,7 @@ DVC_LIMIT = "dvc-repo"
 # The slot is a lease the holder keeps renewing: a flow run killed with its worker
 # stops renewing, and the server takes the slot back after this long (Prefect's
 # default, 300 s, would hold up the re-run for five minutes).
-DVC_LEASE_S = 30
+DVC_LEASE_S = 60  # the least the Prefect server accepts
 
 
 def retry_on_transient(task, task_run, state) -> bool:

@@ -151,22 +151,28 @@ class Stack:
 
         Generated values are kept in `<state>/run/secrets.json` (mode 0600) so that the
         local stack's processes and CLI agree; deployments set them in the environment.
+        Values that come from the environment are never written to disk.
         """
         path = self.run_dir / "secrets.json"
         stored = json.loads(path.read_text()) if path.exists() else {}
-        out = {}
+        out, generated = {}, {}
         for name in SECRET_ENVS:
-            # MLflow encrypts stored webhook secrets with a Fernet key (32 url-safe bytes)
-            fresh = (
-                base64.urlsafe_b64encode(os.urandom(32)).decode()
-                if name.startswith("MLFLOW_")
-                else secrets.token_urlsafe(32)
-            )
-            out[name] = os.environ.get(name) or stored.get(name) or fresh
-        if not path.exists():
+            if os.environ.get(name):  # set by the operator: used, never written down
+                out[name] = os.environ[name]
+                continue
+            if name not in stored:
+                # MLflow encrypts stored webhook secrets with a Fernet key (32 url-safe bytes)
+                stored[name] = (
+                    base64.urlsafe_b64encode(os.urandom(32)).decode()
+                    if name.startswith("MLFLOW_")
+                    else secrets.token_urlsafe(32)
+                )
+                generated[name] = stored[name]
+            out[name] = stored[name]
+        if generated:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as fh:
-                json.dump(out, fh)
+                json.dump(stored, fh)
         return out
 
     # --- processes ---------------------------------------------------------------------------
@@ -436,6 +442,8 @@ class LocalStack(Stack):
                 "--no-prompt", "deploy", "--all", "--prefect-file", str(self.root / "prefect.yaml")
             )
         if not self._running("worker-cpu"):
+            for run in self.crash_orphaned_runs():
+                progress(f"marked flow run {run} crashed: the worker that ran it is gone")
             progress("starting a process worker for the cpu pool")
             self.spawn_component(
                 "worker-cpu",
@@ -471,6 +479,42 @@ class LocalStack(Stack):
             register_webhook(self.root, urls["webhook"], env["ATTNFLOW_WEBHOOK_SECRET"])
         self.ensure_serving(progress)
         return urls
+
+    def crash_orphaned_runs(self, pool: str = "cpu") -> list[str]:
+        """Mark `pool`'s flow runs Crashed whose process died with its worker; their names.
+
+        A worker killed with its flow runs leaves them RUNNING on the server, and a
+        RUNNING run holds its deployment's concurrency slot (`retrain` has one) until
+        the slot's lease runs out, five minutes later. The process worker records each
+        run's pid on this machine, so a run whose pid is gone cannot be running.
+        """
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import (
+            FlowRunFilter,
+            FlowRunFilterState,
+            FlowRunFilterStateType,
+            WorkPoolFilter,
+            WorkPoolFilterName,
+        )
+        from prefect.client.schemas.objects import StateType
+        from prefect.states import Crashed
+
+        crashed = []
+        states = FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING])
+        with prefect_api(self.urls()["prefect_api"]), get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=states)),
+                work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])),
+            )
+            for run in runs:
+                pid = str(run.infrastructure_pid or "").rpartition(":")[2]
+                if not pid.isdigit() or _alive(int(pid)):
+                    continue
+                message = f"its process ({pid}) is gone: the worker running it died"
+                client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+                log.warning("flow run %s marked crashed: %s", run.name, message)
+                crashed.append(run.name)
+        return crashed
 
     def ensure_serving(self, progress=lambda msg: None) -> dict[str, Any] | None:
         """The gateway up, and the `champion` alias's version served behind it."""

@@ -1,0 +1,143 @@
+"""A Prefect worker killed mid-flow: the re-run completes from what was persisted.
+
+The local stack (`LocalStack.up`: MLflow, Prefect server, deployments, a `cpu`
+process worker, gateway) runs the `retrain` deployment. While the train stage is in
+its epochs, the worker and every process under it (the flow run, `dvc repro`,
+`attnflow train`) are SIGKILLed, as a crashed node would be. `up` then starts a new
+worker and the deployment runs again: the data stages are not re-run (DVC recorded
+them in dvc.lock), training resumes from its last checkpoint, and the run ends with a
+registered, served champion. The concurrency slots the dead run held are freed by
+`up` marking the dead run Crashed (its pid is gone), not by waiting for leases.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from services.launch import free_port
+from tests.conftest import copy_repo
+
+pytestmark = pytest.mark.timeout(1500)
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory, mirror):
+    from services.stack import LocalStack
+
+    clone = copy_repo(tmp_path_factory.mktemp("worker-kill"))
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["ingest"]["dataset"] = "synthetic"
+    params["ingest"]["synthetic"].update(
+        n_users=300, n_items=120, n_topics=5, events_per_user=15, pattern_prob=0.7
+    )
+    params["split"].update(min_user_events=1, min_item_events=1)
+    params["model"].update(hidden=32, layers=2, heads=2, max_len=20, dropout=0.1)
+    # long enough to be killed in the middle: many short epochs, each checkpointed
+    params["train"].update(epochs=120, batch_size=32, lr=0.002, patience=1000, threads=1)
+    params["serve"].update(
+        gateway_port=free_port(),
+        mlflow_port=free_port(),
+        prefect_port=free_port(),
+        webhook_port=free_port(),
+    )
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ATTNFLOW_STATE_DIR", str(clone / ".attnflow"))
+    for k in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
+        mp.delenv(k, raising=False)
+    stack = LocalStack(clone)
+    try:
+        stack.up()
+        yield {"clone": clone, "stack": stack}
+    finally:
+        stack.down()
+        mp.undo()
+
+
+def _kill_tree(pid: int) -> list[int]:
+    """SIGKILL `pid` and everything under it at once; the pids killed."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(procs, timeout=10)
+    return [p.pid for p in procs]
+
+
+def _checkpoint_epoch(clone: Path) -> int | None:
+    """The epoch of the newest training checkpoint, if there is one yet."""
+    import torch
+
+    ckpts = sorted((clone / ".attnflow" / "checkpoints").glob("*/last.pt"))
+    if not ckpts:
+        return None
+    try:
+        return int(torch.load(ckpts[-1], map_location="cpu", weights_only=False)["epoch"])
+    except Exception:  # being written right now: look again
+        return None
+
+
+def test_worker_killed_mid_train_then_rerun_completes_from_persisted_results(platform):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    from pipelines.registry import CHAMPION, get_alias
+    from services.stack import prefect_api
+
+    clone, stack = platform["clone"], platform["stack"]
+    with prefect_api():
+        first = run_deployment("retrain/retrain", parameters={"root": str(clone)}, timeout=0)
+
+    # wait until training is a few epochs in (a checkpoint exists), then crash the node
+    deadline = time.monotonic() + 900
+    epoch = None
+    while time.monotonic() < deadline:
+        epoch = _checkpoint_epoch(clone)
+        if epoch is not None and epoch >= 2:
+            break
+        with prefect_api(), get_client(sync_client=True) as client:
+            state = client.read_flow_run(first.id).state
+        assert not state.is_final(), f"the first run ended early: {state.name}: {state.message}"
+        time.sleep(0.5)
+    assert epoch is not None and epoch >= 2, "training never reached epoch 2"
+    ingested = (clone / "data/ingested/events.parquet").stat().st_mtime_ns
+    split = (clone / "reports/split.json").read_text()
+    worker = stack.component("worker-cpu")
+    killed = _kill_tree(worker["pid"])
+    assert len(killed) >= 3  # the worker, the flow run, and the stage under it
+    assert not (clone / "reports/train.json").exists()  # training had not finished
+
+    with prefect_api(), get_client(sync_client=True) as client:
+        state = client.read_flow_run(first.id).state
+    assert not state.is_completed()  # the killed run never finished
+
+    stack.up()  # a new worker for the cpu pool; everything else is still up
+    assert stack.component("worker-cpu")["pid"] != worker["pid"]
+    # the dead run no longer holds the deployment's concurrency slot: it is Crashed
+    with prefect_api(), get_client(sync_client=True) as client:
+        assert client.read_flow_run(first.id).state.is_crashed()
+    with prefect_api():
+        second = run_deployment("retrain/retrain", parameters={"root": str(clone)}, timeout=1200)
+    assert second.state.is_completed(), f"{second.state.name}: {second.state.message}"
+
+    # ingest, validate and split were not redone: DVC had recorded them
+    assert (clone / "data/ingested/events.parquet").stat().st_mtime_ns == ingested
+    assert (clone / "reports/split.json").read_text() == split
+    # training picked up at its last checkpoint rather than from epoch 0
+    trained = json.loads((clone / "reports/train.json").read_text())
+    assert trained["resumed_from"] is not None and trained["resumed_from"]["epoch"] >= 2, trained
+    # and the run went all the way: registered, champion, served
+    assert get_alias(CHAMPION, root=clone) == "1"
+    assert stack.served()[CHAMPION]["version"] == "1"
