@@ -43,6 +43,7 @@ SECRET_ENVS = (
     "ATTNFLOW_ADMIN_TOKEN",
     "ATTNFLOW_WEBHOOK_SECRET",
     "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY",
+    "ATTNFLOW_USER_SALT",  # one salt for every process: pseudonyms match across them
 )
 
 
