@@ -515,7 +515,7 @@ def test_a_corrupted_registered_version_is_refused_before_any_traffic(
     from services.stack import Stack
 
     root = mlflow_project["root"]
-    token = "faults-admin-" + os.urandom(8).hex()
+    token = "test-admin-" + os.urandom(8).hex()
     monkeypatch.setenv("ATTNFLOW_ADMIN_TOKEN", token)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["serve"]["gateway_port"] = free_port()  # never the default port of a real stack
