@@ -239,9 +239,16 @@ def retrain(
         from services.stack import LocalStack
 
         if LocalStack(root_path).is_up():
-            out["rollout"] = rollout(
-                version=reg["version"], root=str(root_path), actor="retrain flow"
-            )
+            from pipelines.rollout import RolloutBusy
+
+            try:
+                out["rollout"] = rollout(
+                    version=reg["version"], root=str(root_path), actor="retrain flow"
+                )
+            except RolloutBusy as exc:
+                # the reconciler saw the new `challenger` alias first and is rolling it out
+                log.info("v%s: %s", reg["version"], exc)
+                out["rollout"] = {"status": "started elsewhere", "detail": str(exc)}
         else:
             log.info(
                 "v%s is challenger; the stack is not up, so no rollout now "

@@ -1,0 +1,147 @@
+"""Benchmark: what orchestration, validation, registration and rollout add to training.
+
+On ml-latest-small, in a fresh copy of the repository (benchmarks/.work/pipeline):
+
+1. bare training: `train_model` on the split, in-process, with params.yaml's settings;
+2. the full retrain flow through the local stack (`attnflow up`): DVC stages (ingest,
+   validate, split, train, evaluate) as Prefect tasks, registration with gates, and
+   - first run: serving the first champion;
+   - second run (another seed): a canary rollout of the new challenger, promoted;
+3. a re-run with nothing changed (every stage up to date, nothing to register).
+
+Overhead = (flow wall time - bare training time) / bare training time, for the second
+run (the one with a rollout). Rollout bake time is a deliberate wait, so it is reported
+separately and the benchmark uses short bakes (`--bake-s`). Targets: overhead <= 25%,
+re-run < 30 s.
+
+    python benchmarks/pipeline_overhead.py [--bake-s 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+WORK = ROOT / "benchmarks" / ".work" / "pipeline"
+
+
+def fresh_copy() -> Path:
+    if WORK.exists():
+        subprocess.run(
+            [sys.executable, "-m", "attnflow.cli", "down"], cwd=WORK, capture_output=True
+        )
+        shutil.rmtree(WORK)
+    from tests.conftest import copy_repo
+
+    WORK.mkdir(parents=True)
+    return copy_repo(WORK)
+
+
+def set_params(root: Path, **sections) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for section, values in sections.items():
+        params[section].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def bare_training(root: Path) -> float:
+    """Train with the same settings, in-process, nothing around it (seconds)."""
+    from pipelines import ingest, split, validate
+    from pipelines.config import load_config
+    from pipelines.sequences import load_split
+    from pipelines.train import train_model
+
+    cfg = load_config(root / "params.yaml")
+    ingest.run(cfg, root)
+    validate.run(cfg, root)
+    split.run(cfg, root)
+    data = load_split(root / cfg.paths.split_dir, cfg.model.time_buckets)
+    t0 = time.perf_counter()
+    train_model(cfg, data, cache_dir=root / ".attnflow" / "cache")
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(root / "data" / "ingested", ignore_errors=True)
+    shutil.rmtree(root / "data" / "split", ignore_errors=True)
+    shutil.rmtree(root / "data" / "reference", ignore_errors=True)
+    shutil.rmtree(root / "reports", ignore_errors=True)
+    return seconds
+
+
+def attnflow(root: Path, *args: str) -> float:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "attnflow"), *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"attnflow {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bake-s", type=float, default=5.0)
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks/results/pipeline_overhead.json"
+    )
+    args = parser.parse_args()
+    os.environ.setdefault("ATTNFLOW_DATA_MIRROR", str(ROOT.parent / "shared" / "data"))
+    root = fresh_copy()
+    set_params(
+        root,
+        rollout={"steps": [50, 100], "bake_s": args.bake_s, "replay_rps": 20, "min_requests": 10},
+    )
+    bare = bare_training(root)
+    up_s = attnflow(root, "up")
+    try:
+        first = attnflow(root, "retrain")
+        set_params(root, train={"seed": 7})
+        second = attnflow(root, "retrain")
+        rerun = attnflow(root, "retrain")
+        report = sorted((root / ".attnflow" / "rollouts").glob("*.json"))[-1]
+        rollout = json.loads(report.read_text())
+    finally:
+        attnflow(root, "down")
+    train_report = json.loads((root / "reports" / "train.json").read_text())
+    bake = args.bake_s * len(rollout["steps"])
+    result = {
+        "dataset": "ml-latest-small",
+        "bare_training_s": round(bare, 1),
+        "stack_up_s": round(up_s, 1),
+        "first_retrain_s (serve first champion)": round(first, 1),
+        "second_retrain_s (with rollout)": round(second, 1),
+        "train_stage_training_loop_s": train_report["train_seconds"],
+        "rollout_status": rollout["status"],
+        "rollout_bake_s": bake,
+        "overhead_vs_bare_training": round((second - bare) / bare, 3),
+        "overhead_vs_bare_training_excluding_bake": round((second - bake - bare) / bare, 3),
+        "rerun_nothing_changed_s": round(rerun, 1),
+        "targets": {"overhead": 0.25, "rerun_s": 30},
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only",
+    }
+    result["met"] = (
+        result["overhead_vs_bare_training"] <= 0.25 and result["rerun_nothing_changed_s"] < 30
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
