@@ -141,3 +141,42 @@ def test_worker_killed_mid_train_then_rerun_completes_from_persisted_results(pla
     # and the run went all the way: registered, champion, served
     assert get_alias(CHAMPION, root=clone) == "1"
     assert stack.served()[CHAMPION]["version"] == "1"
+
+
+def test_drift_check_starts_a_retrain_through_the_event_trigger(platform):
+    """Data that moved away from the champion's: the drift-check deployment emits
+    `attnflow.drift.detected`, and the `retrain` deployment's trigger (prefect.yaml)
+    turns it into a retrain run whose reason names the drift."""
+    import pandas as pd
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.deployments import run_deployment
+
+    from services.stack import prefect_api
+
+    clone = platform["clone"]
+    events_path = clone / "data/ingested/events.parquet"
+    events = pd.read_parquet(events_path)
+    # turn popularity upside down: the most attended items become the least attended
+    ranked = events["item_id"].value_counts().index.tolist()
+    flip = dict(zip(ranked, reversed(ranked), strict=True))
+    events.assign(item_id=events["item_id"].map(flip)).to_parquet(events_path, index=False)
+
+    with prefect_api(), get_client(sync_client=True) as client:
+        retrain_runs = DeploymentFilter(name=DeploymentFilterName(any_=["retrain"]))
+        before = {r.id for r in client.read_flow_runs(deployment_filter=retrain_runs)}
+        check = run_deployment("drift-check/drift-check", parameters={"root": str(clone)})
+        assert check.state.is_completed(), f"{check.state.name}: {check.state.message}"
+        deadline, started = time.monotonic() + 120, []
+        while time.monotonic() < deadline and not started:
+            started = [
+                r
+                for r in client.read_flow_runs(deployment_filter=retrain_runs)
+                if r.id not in before and "drift" in str(r.parameters.get("reason"))
+            ]
+            time.sleep(1)
+        assert started, "no retrain run was started by the drift event"
+        # the test is the trigger, not another training: stop the run it started
+        from prefect.states import Cancelled
+
+        client.set_flow_run_state(started[0].id, Cancelled(), force=True)
