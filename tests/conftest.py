@@ -101,3 +101,27 @@ def pytest_sessionfinish(session, exitstatus):
 
         for server in list(SubprocessASGIServer._instances.values()):
             server.stop()
+
+
+def small_stack_params(clone: Path, **train) -> dict:
+    """params.yaml of `clone` set for a small local stack: synthetic data, a tiny model,
+    free ports for every server; `train` overrides the train section. Not written yet."""
+    import yaml
+
+    from services.launch import free_port
+
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["ingest"]["dataset"] = "synthetic"
+    params["ingest"]["synthetic"].update(
+        n_users=300, n_items=120, n_topics=5, events_per_user=15, pattern_prob=0.7
+    )
+    params["split"].update(min_user_events=1, min_item_events=1)
+    params["model"].update(hidden=32, layers=2, heads=2, max_len=20, dropout=0.1)
+    params["train"].update({"batch_size": 32, "threads": 1, **train})
+    params["serve"].update(
+        gateway_port=free_port(),
+        mlflow_port=free_port(),
+        prefect_port=free_port(),
+        webhook_port=free_port(),
+    )
+    return params

@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from services.launch import free_port, spawn
-from tests.conftest import copy_repo
+from tests.conftest import copy_repo, small_stack_params
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 pytestmark = pytest.mark.timeout(1800)
@@ -104,20 +104,7 @@ def scaled(tmp_path_factory, mirror):
     from services.stack import LocalStack
 
     clone = copy_repo(tmp_path_factory.mktemp("scaled"))
-    params = yaml.safe_load((clone / "params.yaml").read_text())
-    params["ingest"]["dataset"] = "synthetic"
-    params["ingest"]["synthetic"].update(
-        n_users=300, n_items=120, n_topics=5, events_per_user=15, pattern_prob=0.7
-    )
-    params["split"].update(min_user_events=1, min_item_events=1)
-    params["model"].update(hidden=32, layers=2, heads=2, max_len=20, dropout=0.1)
-    params["train"].update(epochs=3, batch_size=32, lr=0.005, patience=10, threads=1)
-    params["serve"].update(
-        gateway_port=free_port(),
-        mlflow_port=free_port(),
-        prefect_port=free_port(),
-        webhook_port=free_port(),
-    )
+    params = small_stack_params(clone, epochs=3, lr=0.005, patience=10)
     params["rollout"].update(
         steps=[50, 100],
         bake_s=3,

@@ -22,8 +22,7 @@ import psutil
 import pytest
 import yaml
 
-from services.launch import free_port
-from tests.conftest import copy_repo
+from tests.conftest import copy_repo, small_stack_params
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -33,21 +32,8 @@ def platform(tmp_path_factory, mirror):
     from services.stack import LocalStack
 
     clone = copy_repo(tmp_path_factory.mktemp("worker-kill"))
-    params = yaml.safe_load((clone / "params.yaml").read_text())
-    params["ingest"]["dataset"] = "synthetic"
-    params["ingest"]["synthetic"].update(
-        n_users=300, n_items=120, n_topics=5, events_per_user=15, pattern_prob=0.7
-    )
-    params["split"].update(min_user_events=1, min_item_events=1)
-    params["model"].update(hidden=32, layers=2, heads=2, max_len=20, dropout=0.1)
     # long enough to be killed in the middle: many short epochs, each checkpointed
-    params["train"].update(epochs=120, batch_size=32, lr=0.002, patience=1000, threads=1)
-    params["serve"].update(
-        gateway_port=free_port(),
-        mlflow_port=free_port(),
-        prefect_port=free_port(),
-        webhook_port=free_port(),
-    )
+    params = small_stack_params(clone, epochs=120, lr=0.002, patience=1000)
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     mp = pytest.MonkeyPatch()
     mp.setenv("ATTNFLOW_STATE_DIR", str(clone / ".attnflow"))
