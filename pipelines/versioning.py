@@ -243,11 +243,8 @@ def _md5(path: Path) -> str:
     """The md5 of a file's bytes, as DVC 3 computes it for `hash: md5` outputs."""
     import hashlib
 
-    h = hashlib.md5()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "md5").hexdigest()
 
 
 def cache_dir(root: Path) -> Path:

@@ -125,3 +125,15 @@ def small_stack_params(clone: Path, **train) -> dict:
         webhook_port=free_port(),
     )
     return params
+
+
+def spawn_mlflow(root: Path, port: int, env: dict[str, str] | None = None):
+    """A real `mlflow server` on 127.0.0.1:`port` over `root`'s SQLite file and artifact
+    folder, logging to `root/logs` (started, not waited for)."""
+    from services.launch import spawn
+
+    cmd = [sys.executable, "-m", "mlflow", "server"]
+    cmd += ["--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"]
+    cmd += ["--artifacts-destination", str(root / "mlartifacts")]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    return spawn("mlflow", cmd, port, env=env or {}, log_dir=root / "logs")

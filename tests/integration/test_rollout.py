@@ -36,7 +36,7 @@ from pipelines.registry import (
 from pipelines.rollout import RolloutBusy, RolloutFailed, rollout_lock
 from services.launch import free_port, spawn
 from services.stack import MLFLOW_WEBHOOK_ENV, LocalStack, register_webhook
-from tests.conftest import REPO, venv_env
+from tests.conftest import REPO, spawn_mlflow, venv_env
 from tests.model.conftest import make_split
 
 pytestmark = pytest.mark.timeout(1200)
@@ -129,27 +129,8 @@ def platform(tmp_path_factory):
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     }.items():
         mp.setenv(k, v)
-    server = spawn(
-        "mlflow",
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(root / "mlartifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(mlflow_port),
-            "--workers",
-            "1",
-        ],
-        mlflow_port,
-        env={**MLFLOW_WEBHOOK_ENV, "MLFLOW_WEBHOOK_CACHE_TTL": "1"},
-        log_dir=root / "logs",
+    server = spawn_mlflow(
+        root, mlflow_port, env={**MLFLOW_WEBHOOK_ENV, "MLFLOW_WEBHOOK_CACHE_TTL": "1"}
     )
     stack = LocalStack(root)
     try:

@@ -162,30 +162,9 @@ def _start_mlflow(root: Path, port: int):
     """A real `mlflow server` on 127.0.0.1:`port` over `root`'s SQLite file and artifacts."""
     import httpx
 
-    from services.launch import spawn
+    from tests.conftest import spawn_mlflow
 
-    handle = spawn(
-        "mlflow",
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(root / "mlartifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        port,
-        env={},
-        log_dir=root / "logs",
-    )
+    handle = spawn_mlflow(root, port)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
