@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.attnflow-installed
 ATTNFLOW_DATA_MIRROR ?= $(if $(wildcard ../shared/data/SHA256SUMS),$(abspath ../shared/data),)
 export ATTNFLOW_DATA_MIRROR
 
-.PHONY: demo test test-slow lint venv clean
+.PHONY: demo test test-slow fuzz lint venv clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,11 @@ test: venv
 
 test-slow: venv
 	$(BIN)/python -m pytest -q -m slow
+
+# Property tests with fresh random examples, 2000 each (the gate draws a fixed 60).
+fuzz: venv
+	ATTNFLOW_HYPOTHESIS_PROFILE=fuzz ATTNFLOW_FUZZ_EXAMPLES=2000 $(BIN)/python -m pytest -q \
+		tests/reliability/test_bad_input.py -k "refuses_garbage or refuses_any_mix or round_trip"
 
 lint: venv
 	$(BIN)/ruff check .

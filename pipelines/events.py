@@ -18,6 +18,7 @@ integer indices.
 
 from __future__ import annotations
 
+import csv
 import os
 import tempfile
 from collections.abc import Iterator
@@ -27,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipelines.errors import DataError
@@ -175,28 +178,57 @@ def read_table(path: Path, fmt: str = "auto") -> pd.DataFrame:
         raise DataError(f"{path}: not a readable {fmt} file ({str(exc).splitlines()[0]})") from None
 
 
+# A number written plainly: no leading zeros ("007" is an id), no "inf" / "nan" words.
+_PLAIN_NUMBER = (
+    r"^(?:[+-]?(?:0|[1-9]\d*)(?:\.\d*)?(?:[eE][+-]?\d+)?|[+-]?\.\d+(?:[eE][+-]?\d+)?)$"
+)
+_PLAIN_INTEGER = r"^[+-]?(?:0|[1-9]\d*)$"
+
+
 def _read_csv(path: Path) -> pd.DataFrame:
     """A CSV file with ids and text kept as written.
 
-    Only an empty field is missing: "NA", "null" or "None" are ids and text like any
-    other (pandas' default would turn a user called "NA" into a null). Numeric
-    columns still read those markers as missing (`_as_float`). pandas also reads a
-    column of "TRUE" / "false" as booleans, and cannot be told not to: such columns
-    are read again as text, or an item called "FALSE" would come back as "False".
+    Every field is read as text first (Arrow's reader: fast, strict UTF-8); a column
+    becomes numeric only when each of its non-empty fields is a plainly written
+    number. pandas' own inference would turn an id "007" into 7, a comment "INF"
+    into infinity, "TRUE" into a boolean and a user called "NA" into a null. Only an
+    empty field is missing here; numeric columns still read "NA"-like markers as
+    missing later (`_as_float`).
     """
-    options: dict = {
-        "encoding": "utf-8",
-        "encoding_errors": "strict",
-        "low_memory": False,
-        "keep_default_na": False,
-        "na_values": [""],
-    }
-    frame = pd.read_csv(path, **options)
-    # Booleans, alone (bool) or beside empty fields (object): never a number or a time.
-    flags = [c for c in frame.columns if frame[c].dtype in (np.dtype(bool), np.dtype(object))]
-    if flags:
-        frame = pd.read_csv(path, dtype=dict.fromkeys(flags, str), **options)
-    return frame
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        names = next(csv.reader(f), [])
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise DataError(f"{path}: column {duplicated[0]!r} appears more than once in the header")
+    try:
+        table = pacsv.read_csv(
+            path,
+            read_options=pacsv.ReadOptions(block_size=16 << 20),
+            parse_options=pacsv.ParseOptions(newlines_in_values=True),
+            convert_options=pacsv.ConvertOptions(
+                column_types=dict.fromkeys(names, pa.string()),
+                null_values=[""],
+                strings_can_be_null=True,
+            ),
+        )
+    except pa.ArrowInvalid as exc:
+        reason = str(exc).splitlines()[0]
+        if "UTF8" in reason:
+            raise DataError(f"{path}: not UTF-8 text ({reason})") from None
+        raise DataError(f"{path}: not valid CSV ({reason})") from None
+    if table.column_names != names:
+        raise DataError(f"{path}: not valid CSV (the header row could not be read)")
+    columns = {}
+    for name in table.column_names:
+        col = table[name]
+        present = col.drop_null()
+        if len(present) and pc.all(pc.match_substring_regex(present, _PLAIN_NUMBER)).as_py():
+            whole = col.null_count == 0 and pc.all(
+                pc.match_substring_regex(present, _PLAIN_INTEGER)
+            ).as_py()
+            col = pc.cast(col, pa.int64() if whole else pa.float64())
+        columns[name] = col
+    return pa.table(columns).to_pandas()
 
 
 def read_events(path: Path, fmt: str = "auto", ts_unit: str | None = None) -> pd.DataFrame:

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,6 +26,12 @@ os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
 # A loaded 2-core machine can take longer than Prefect's default to start its API.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="attnflow-prefect-"))
+
+# The gate (`make test`, CI) draws the same property-test examples every run, so a
+# merge never fails on a new random draw; `make fuzz` explores fresh ones at length.
+settings.register_profile("gate", derandomize=True, database=None)
+settings.register_profile("fuzz", derandomize=False)
+settings.load_profile(os.environ.get("ATTNFLOW_HYPOTHESIS_PROFILE", "gate"))
 
 
 @pytest.fixture(autouse=True)

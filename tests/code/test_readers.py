@@ -162,3 +162,18 @@ def test_truncated_parquet(tmp_path):
     p.write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match="not a readable parquet file"):
         read_events(p)
+
+
+def test_csv_ids_and_text_are_kept_as_written(tmp_path):
+    # pandas' inference would read "007" as 7, "INF" as infinity and "TRUE" as a boolean.
+    p = tmp_path / "e.csv"
+    p.write_text(
+        "user_id,item_id,ts,event,value,text\n"
+        "007,TRUE,2024-01-01T00:00:00Z,rate,4.5,INF\n"
+        "NA,12,2024-01-02T00:00:00Z,rate,NA,nan\n"
+    )
+    events = read_events(p)
+    assert events["user_id"].tolist() == ["007", "NA"]
+    assert events["item_id"].tolist() == ["TRUE", "12"]
+    assert events["text"].tolist() == ["INF", "nan"]
+    assert events["value"].iloc[0] == 4.5 and pd.isna(events["value"].iloc[1])

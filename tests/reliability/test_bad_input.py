@@ -246,8 +246,10 @@ def test_coerce_events_refuses_any_mix_of_values_with_a_data_error_only(rows, un
 
 # --- valid generated logs round-trip through CSV and Parquet ----------------------------------
 
-# Ids and text that pandas' CSV defaults would read as missing are valid ids here.
-NA_LOOKALIKES = st.sampled_from(["NA", "null", "None", "nan", "N/A", "NULL", "#N/A", "<NA>"])
+# Ids and text that pandas' CSV defaults would read as missing, numbers or booleans.
+NA_LOOKALIKES = st.sampled_from(
+    ["NA", "null", "None", "nan", "N/A", "NULL", "#N/A", "<NA>", "INF", "-inf", "007", "TRUE"]
+)
 ids = NA_LOOKALIKES | st.text(
     alphabet=string.ascii_letters + string.digits + "-_:@.", min_size=1, max_size=10
 )
@@ -265,6 +267,7 @@ valid_events = st.lists(
             "value": st.none() | st.floats(0.5, 5.0),
             "dwell_s": st.none() | st.floats(0, 1800),
             "text": st.none()
+            | NA_LOOKALIKES
             | st.text(string.ascii_letters + " ,.!?'\"é", min_size=1, max_size=20),
         }
     ),
