@@ -311,7 +311,7 @@ def _run_deployment(name: str, parameters: dict) -> None:
 
     typer.echo(f"running deployment {name} on the local Prefect server...")
     with prefect_api():
-        run = run_deployment(name, parameters=parameters, timeout=None)
+        run = run_deployment(name, parameters=parameters, timeout=None, poll_interval=1)
     api = os.environ["PREFECT_API_URL"].removesuffix("/api")
     typer.echo(f"  flow run {run.name}: {run.state.name}  ({api}/runs/flow-run/{run.id})")
     if not run.state.is_completed():

@@ -5,7 +5,10 @@ The DAG is written once, in `dvc.yaml`; this flow reads it and runs each stage w
 at a late stage resumes there when run again, because the earlier stages are
 skipped as unchanged (and registration is idempotent per training run). Prefect adds
 retries with backoff on transient errors, logs, the UI and a global concurrency
-limit (`dvc-repo`, limit 1) so two flows never touch the DVC repository at once.
+limit (`dvc-repo`, limit 1) so two flows never touch the DVC repository at once: a
+retrain holds it across its whole DAG and the data push, so another flow's stages
+never interleave with its own (and one acquisition costs about 2 s of Prefect's
+lease bookkeeping, paid once rather than per stage).
 
 The `train` stage goes to the `gpu` work pool when a worker is online there (the
 `train-gpu` deployment) and runs here, on the `cpu` pool's worker, otherwise; the
@@ -65,9 +68,11 @@ def _dvc_slot():
     tags=["dvc"],
 )
 def dvc_stage(name: str, root: str) -> dict[str, Any]:
-    """Reproduce one dvc.yaml stage (skipped by DVC when nothing it depends on changed)."""
-    with _dvc_slot():
-        result = repro_stage(name, Path(root))
+    """Reproduce one dvc.yaml stage (skipped by DVC when nothing it depends on changed).
+
+    The caller holds the `dvc-repo` slot.
+    """
+    result = repro_stage(name, Path(root))
     result["attempts"] = task_run.run_count
     get_run_logger().info(
         "stage %s %s in %.1fs",
@@ -88,19 +93,21 @@ def gpus_here() -> int:
 
 
 @flow(name="train-stage")
-def train_stage(root: str = ".") -> dict[str, Any]:
+def train_stage(root: str = ".", slot_held: bool = False) -> dict[str, Any]:
     """The train stage alone: what the `train-gpu` deployment runs on a gpu worker.
 
     With more than one GPU the stage runs under torchrun, one DDP process per GPU.
+    `slot_held`: the retrain flow that started this run holds the `dvc-repo` slot
+    for it (taking it again would wait on itself).
     """
-    gpus = gpus_here()
-    if gpus > 1:
-        from pipelines.versioning import repro_distributed
+    with contextlib.nullcontext() if slot_held else _dvc_slot():
+        gpus = gpus_here()
+        if gpus > 1:
+            from pipelines.versioning import repro_distributed
 
-        get_run_logger().info("train stage: DDP over %d GPUs (torchrun)", gpus)
-        with _dvc_slot():
+            get_run_logger().info("train stage: DDP over %d GPUs (torchrun)", gpus)
             return repro_distributed("train", Path(root), gpus)
-    return dvc_stage("train", root)
+        return dvc_stage("train", root)
 
 
 def gpu_worker_online() -> bool:
@@ -124,7 +131,7 @@ def run_train(root: str) -> dict[str, Any]:
         from prefect.deployments import run_deployment
 
         log.info("train stage -> gpu work pool (a gpu worker is online)")
-        run = run_deployment("train-stage/train-gpu", parameters={"root": root})
+        run = run_deployment("train-stage/train-gpu", parameters={"root": root, "slot_held": True})
         if not run.state.is_completed():
             raise RuntimeError(f"train on the gpu pool ended {run.state.name}")
         result = run.state.result()
@@ -156,13 +163,15 @@ def register_task(root: str) -> dict[str, Any]:
 
 @task(name="push-data")
 def push_data(root: str) -> dict[str, Any]:
-    """Push this data version to the DVC remote (a failure is reported, never fatal)."""
+    """Push this data version to the DVC remote (a failure is reported, never fatal).
+
+    The caller holds the `dvc-repo` slot.
+    """
     from pipelines.errors import AttnflowError
     from pipelines.versioning import data_command
 
     try:
-        with _dvc_slot():
-            out = data_command("push", Path(root))
+        out = data_command("push", Path(root))
     except AttnflowError as exc:
         get_run_logger().warning("data version not pushed: %s", exc)
         return {"pushed": False, "error": str(exc)}
@@ -220,15 +229,18 @@ def retrain(
     dag = load_dag(root_path / "dvc.yaml")
     selected = [s for s in dag if stages is None or s.name in stages]
     results = []
-    for stage in selected:
-        if stage.name == "train":
-            results.append(run_train(str(root_path)))
-        else:
-            results.append(dvc_stage(stage.name, str(root_path)))
+    push = stages is None and deploy
+    with _dvc_slot():
+        for stage in selected:
+            if stage.name == "train":
+                results.append(run_train(str(root_path)))
+            else:
+                results.append(dvc_stage(stage.name, str(root_path)))
+        pushed = push_data(str(root_path)) if push else None
     out: dict[str, Any] = {"stages": results}
-    if stages is not None or not deploy:
+    if not push:
         return out
-    out["data"] = push_data(str(root_path))
+    out["data"] = pushed
     reg = register_task(str(root_path))
     out["registered"] = reg
     if reg.get("alias") == "champion":

@@ -458,7 +458,9 @@ class LocalStack(Stack):
                     "process",
                 ],
                 0,
-                env=env,
+                # Prefect polls every 10 s by default: up to 10 s of idle wait before a
+                # triggered retrain starts; one small query every 2 s costs nothing here.
+                env={"PREFECT_WORKER_QUERY_SECONDS": "2", **env},
             )
         if not self._running("webhook"):
             progress("starting the MLflow webhook receiver")

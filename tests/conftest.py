@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -32,6 +33,37 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="attnflow-prefect-
 settings.register_profile("gate", derandomize=True, database=None)
 settings.register_profile("fuzz", derandomize=False)
 settings.load_profile(os.environ.get("ATTNFLOW_HYPOTHESIS_PROFILE", "gate"))
+
+
+@contextlib.contextmanager
+def restored_environ():
+    """Undo every change made to os.environ inside the block.
+
+    `LocalStack.up` exports the stack's URLs and secrets into this process (so that
+    it talks to the servers it started); a module's stack must not leak them into
+    the tests that run after it (monkeypatch's undo restores only the keys it set).
+    """
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def _own_tracking_uri():
+    """`tracking.client` exports the MLflow URI it settles on; it ends with the test.
+
+    (Only this key: Prefect's temporary API server keeps its own state in the
+    process environment across tests.)
+    """
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 @pytest.fixture(autouse=True)

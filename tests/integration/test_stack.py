@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from services.launch import free_port, spawn
-from tests.conftest import copy_repo, small_stack_params
+from tests.conftest import copy_repo, restored_environ, small_stack_params
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 pytestmark = pytest.mark.timeout(1800)
@@ -126,6 +126,8 @@ def scaled(tmp_path_factory, mirror):
         log_dir=clone / "logs",
     )
     s3_url = f"http://127.0.0.1:{s3_port}"
+    environ = restored_environ()
+    environ.__enter__()
     mp = pytest.MonkeyPatch()
     env = {
         "AWS_ACCESS_KEY_ID": "attnflow-test",
@@ -171,6 +173,7 @@ def scaled(tmp_path_factory, mirror):
         s3.stop()
         pg.stop()
         mp.undo()
+        environ.__exit__(None, None, None)
 
 
 def _run_retrain(clone: Path) -> object:

@@ -22,7 +22,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import copy_repo, small_stack_params
+from tests.conftest import copy_repo, restored_environ, small_stack_params
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -40,12 +40,13 @@ def platform(tmp_path_factory, mirror):
     for k in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
         mp.delenv(k, raising=False)
     stack = LocalStack(clone)
-    try:
-        stack.up()
-        yield {"clone": clone, "stack": stack}
-    finally:
-        stack.down()
-        mp.undo()
+    with restored_environ():
+        try:
+            stack.up()
+            yield {"clone": clone, "stack": stack}
+        finally:
+            stack.down()
+            mp.undo()
 
 
 def _kill_tree(pid: int) -> list[int]:
