@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger
 
 from pipelines.reconcile import plan
 from pipelines.registry import aliases, model_name
-from pipelines.rollout import RolloutBusy
+from pipelines.rollout import RolloutBusy, rollout_holder
 
 
 def _statuses(root: Path, versions: set[str]) -> dict[str, str]:
@@ -50,6 +50,12 @@ def reconcile(root: str = ".") -> dict[str, Any]:
     log.info("aliases %s, serving v%s: %s (%s)", now, served, action.kind, action.reason)
     if action.kind != "rollout":
         return {"action": "none", "reason": action.reason}
+    from pipelines.registry import state_dir
+
+    busy = rollout_holder(state_dir(root_path))
+    if busy:  # e.g. the retrain flow rolling out the challenger it just registered
+        log.info("%s", busy)
+        return {"action": "deferred", "reason": busy}
     try:
         report = rollout(version=action.version, root=str(root_path), actor="reconciler")
     except RolloutBusy as exc:

@@ -179,9 +179,7 @@ def read_table(path: Path, fmt: str = "auto") -> pd.DataFrame:
 
 
 # A number written plainly: no leading zeros ("007" is an id), no "inf" / "nan" words.
-_PLAIN_NUMBER = (
-    r"^(?:[+-]?(?:0|[1-9]\d*)(?:\.\d*)?(?:[eE][+-]?\d+)?|[+-]?\.\d+(?:[eE][+-]?\d+)?)$"
-)
+_PLAIN_NUMBER = r"^(?:[+-]?(?:0|[1-9]\d*)(?:\.\d*)?(?:[eE][+-]?\d+)?|[+-]?\.\d+(?:[eE][+-]?\d+)?)$"
 _PLAIN_INTEGER = r"^[+-]?(?:0|[1-9]\d*)$"
 
 
@@ -223,9 +221,10 @@ def _read_csv(path: Path) -> pd.DataFrame:
         col = table[name]
         present = col.drop_null()
         if len(present) and pc.all(pc.match_substring_regex(present, _PLAIN_NUMBER)).as_py():
-            whole = col.null_count == 0 and pc.all(
-                pc.match_substring_regex(present, _PLAIN_INTEGER)
-            ).as_py()
+            whole = (
+                col.null_count == 0
+                and pc.all(pc.match_substring_regex(present, _PLAIN_INTEGER)).as_py()
+            )
             col = pc.cast(col, pa.int64() if whole else pa.float64())
         columns[name] = col
     return pa.table(columns).to_pandas()

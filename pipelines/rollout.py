@@ -82,6 +82,18 @@ def rollout_lock(state: Path, version: str | None) -> Iterator[None]:
         fh.close()
 
 
+def rollout_holder(state: Path) -> str | None:
+    """Who holds the rollout lock right now ("pid ..., version ..."), or None if free.
+
+    A probe only: the answer may change at once, so `rollout_lock` stays the guard.
+    """
+    try:
+        with rollout_lock(state, "probe"):
+            return None
+    except RolloutBusy as exc:
+        return str(exc)
+
+
 class GatewayClient:
     """The canary gateway's admin API (bearer token from `ATTNFLOW_ADMIN_TOKEN`)."""
 

@@ -463,7 +463,14 @@ def _loss(model, encoder, batch, tcfg, gen, text_table, neg_probs=None) -> torch
     # Through the DDP wrapper when there is one, so that gradients are all-reduced.
     runner = encoder if model is encoder else _DDPEncoderView(model, encoder)
     return softmax_loss(
-        runner, batch, tcfg.loss, tcfg.negatives, tcfg.weight_loss, gen, text_table, neg_probs,
+        runner,
+        batch,
+        tcfg.loss,
+        tcfg.negatives,
+        tcfg.weight_loss,
+        gen,
+        text_table,
+        neg_probs,
         tcfg.logq_correction,
     )
 

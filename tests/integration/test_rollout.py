@@ -33,7 +33,7 @@ from pipelines.registry import (
     register,
     register_candidate,
 )
-from pipelines.rollout import RolloutBusy, RolloutFailed, rollout_lock
+from pipelines.rollout import RolloutBusy, RolloutFailed, rollout_holder, rollout_lock
 from services.launch import free_port, spawn
 from services.stack import MLFLOW_WEBHOOK_ENV, LocalStack, register_webhook
 from tests.conftest import REPO, spawn_mlflow, venv_env
@@ -304,6 +304,9 @@ def test_a_second_rollout_while_one_runs_is_refused(platform):
         pytest.raises(RolloutBusy, match="already running"),
     ):
         _rollout(root, platform["versions"]["v_good_2"])
+    with rollout_lock(state_dir(root), "held by this test"):
+        assert "held by this test" in rollout_holder(state_dir(root))
+    assert rollout_holder(state_dir(root)) is None
     # and through the CLI: exit code 5, one line
     with rollout_lock(state_dir(root), "held by this test"):
         proc = subprocess.run(
