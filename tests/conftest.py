@@ -27,6 +27,10 @@ os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
 # A loaded 2-core machine can take longer than Prefect's default to start its API.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="attnflow-prefect-"))
+# Prefect fixes its settings when first imported. Import it now, with no server in the
+# environment, so that in-process flows use the temporary API whichever test runs
+# first (a module that starts a stack exports the stack's PREFECT_API_URL while it runs).
+import prefect  # noqa: E402, F401
 
 # The gate (`make test`, CI) draws the same property-test examples every run, so a
 # merge never fails on a new random draw; `make fuzz` explores fresh ones at length.
