@@ -243,6 +243,8 @@ class ModelConfig(Section):
     weight_buckets: int = Field(8, ge=2)
     mask_prob: float = Field(0.2, gt=0, lt=1)  # masked objective only
     item_bias: bool = False  # a learned per-item bias added to the tied output scores
+    # a learned vector per training user added to every input (SSE-PT); unknown users get 0
+    user_embeddings: bool = False
     text: TextConfig = Field(default_factory=TextConfig)
 
 
@@ -252,6 +254,10 @@ class AugmentConfig(Section):
     crop_prob: float = Field(0.0, ge=0, le=1)
     crop_min_ratio: float = Field(0.6, gt=0, le=1)
     mask_prob: float = Field(0.0, ge=0, lt=1)  # items replaced by the mask token
+    # items replaced by a uniformly random item (stochastic shared embeddings, SSE)
+    substitute_prob: float = Field(0.0, ge=0, lt=1)
+    # a sequence's user swapped for a random user (SSE on user vectors; SSE-PT uses ~0.9)
+    user_substitute_prob: float = Field(0.0, ge=0, le=1)
     reorder_prob: float = Field(0.0, ge=0, le=1)
     reorder_ratio: float = Field(0.3, gt=0, le=1)
 

@@ -67,6 +67,11 @@ def split_score_fn(model: ServedModel, data: SplitData):
     for idx, iid in enumerate(split_ids, start=1):
         to_model[idx] = model.item_index.get(iid, 0)
     known_cols = to_model[: data.n_items + 1]
+    # split user rows (index + 1) -> the model's user rows; users it never saw get row 0
+    split_users = data.users.sort_values("user_idx")["user_id"].astype(str).tolist()
+    to_model_user = np.zeros(len(split_users) + 1, dtype=np.int64)
+    for row, uid in enumerate(split_users, start=1):
+        to_model_user[row] = model.user_index.get(uid, -1) + 1
     cfg = model.cfg
     mask = model.mask_token
     # event ids by name (vocabularies of different data versions may differ)
@@ -100,6 +105,7 @@ def split_score_fn(model: ServedModel, data: SplitData):
             cfg.weight_buckets,
             mask,
             weights_bucketed=True,
+            user_rows=None if batch.users is None else to_model_user[batch.users.numpy()],
         )
         model_scores = model.recommender.score(mb, catalog=True)  # (B, model n_catalog + 1)
         out = torch.full((len(lengths), data.n_items + 1), float("-inf"))

@@ -108,9 +108,15 @@ class ServedModel:
             weights=np.ones(n, np.float32),
             offsets=np.array([0, n]),
         )
-        return history_batch(
-            seqs, np.array([0]), self.cfg.max_len, self.cfg.weight_buckets, self.mask_token
-        ), unknown
+        batch = history_batch(
+            seqs,
+            np.array([0]),
+            self.cfg.max_len,
+            self.cfg.weight_buckets,
+            self.mask_token,
+            user_rows=np.array([0]),  # an explicit history belongs to no known user
+        )
+        return batch, unknown
 
     def recommend(
         self,

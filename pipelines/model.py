@@ -53,6 +53,7 @@ class ModelSpec:
     event_vocab: list[str] = field(default_factory=list)
     order_only: bool = False
     has_text: bool = False
+    n_users: int = 0  # users with a learned vector (model.user_embeddings), rows 1..n_users
     format_version: int = FORMAT_VERSION
 
     @property
@@ -145,7 +146,14 @@ class AttnFlowEncoder(nn.Module):
             if cfg.attention_weights
             else None
         )
-        for emb in (self.gap_emb, self.event_emb, self.weight_emb):
+        # SSE-PT-style personalisation: one vector per known user, added at every position;
+        # row 0 (unknown user: an explicit history, or a user newer than the model) is zero.
+        self.user_emb = (
+            nn.Embedding(spec.n_users + 1, d, padding_idx=0)
+            if cfg.user_embeddings and spec.n_users
+            else None
+        )
+        for emb in (self.gap_emb, self.event_emb, self.weight_emb, self.user_emb):
             if emb is not None:  # small, like the item embeddings, so they do not drown them
                 nn.init.normal_(emb.weight, std=0.02)
                 with torch.no_grad():
@@ -202,6 +210,9 @@ class AttnFlowEncoder(nn.Module):
             x = x + self.event_emb(batch.events)
         if self.weight_emb is not None:
             x = x + self.weight_emb(batch.weights)
+        if self.user_emb is not None and batch.users is not None:
+            users = torch.where(batch.users <= self.spec.n_users, batch.users, 0)  # (B,)
+            x = x + self.user_emb(users).unsqueeze(1)  # (B, 1, d) broadcast over positions
         x = self.dropout(x)
         positions = torch.arange(L, device=items.device).expand(B, L)
         mask = positions < batch.lengths.unsqueeze(1)  # (B, L) real events

@@ -162,6 +162,7 @@ class Batch:
     lengths: torch.Tensor  # (B,)
     targets: torch.Tensor | None = None  # next (causal) or masked-out (masked) item; 0: none
     target_weights: torch.Tensor | None = None
+    users: torch.Tensor | None = None  # (B,) user index + 1 for user embeddings; 0: unknown
 
     def to(self, device: torch.device | str) -> Batch:
         moved = {
@@ -185,12 +186,15 @@ def history_batch(
     weight_buckets_n: int,
     append_mask: int | None = None,
     weights_bucketed: bool = False,
+    user_rows: np.ndarray | None = None,
 ) -> Batch:
     """The last `max_len` events of each user's history (for scoring the next item).
 
     With `append_mask` (the mask token), a masked slot is appended after the history:
     the masked objective predicts the item at that slot. `weights_bucketed` says the
     sequences already hold weight buckets rather than raw attention weights.
+    `user_rows` (B,) are the rows of the model's user table (index + 1, 0: unknown);
+    by default `seqs` is indexed like the model's users, so row = user + 1.
     """
     keep = max_len - 1 if append_mask is not None else max_len
     cols: dict[str, list[np.ndarray]] = {"items": [], "gaps": [], "events": [], "weights": []}
@@ -220,6 +224,11 @@ def history_batch(
         events=torch.from_numpy(_pad(cols["events"], width)),
         weights=torch.from_numpy(_pad(cols["weights"], width)),
         lengths=torch.from_numpy(lengths),
+        users=torch.from_numpy(
+            np.asarray(users, dtype=np.int64) + 1
+            if user_rows is None
+            else np.asarray(user_rows, dtype=np.int64)
+        ),
     )
 
 
@@ -229,8 +238,13 @@ def _augment(
     rng: np.random.Generator,
     mask_token: int,
     items: np.ndarray,
+    n_items: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Crop and reorder the positions `idx`; returns (positions, input items after masking)."""
+    """Crop and reorder the positions `idx`; returns (positions, input items after masking).
+
+    Masking replaces an input by the mask token; substitution (SSE, Wu et al. 2019)
+    by a uniformly drawn item, which regularises the item table itself.
+    """
     n = len(idx)
     if aug.crop_prob and n > 3 and rng.random() < aug.crop_prob:
         keep = max(3, int(np.ceil(n * rng.uniform(aug.crop_min_ratio, 1.0))))
@@ -247,6 +261,10 @@ def _augment(
         hit = rng.random(len(inputs)) < aug.mask_prob
         hit[-1] = False  # the last input predicts the target: keep it
         inputs[hit] = mask_token
+    if aug.substitute_prob:
+        hit = (rng.random(len(inputs)) < aug.substitute_prob) & (inputs != mask_token)
+        hit[-1] = False
+        inputs[hit] = rng.integers(1, n_items + 1, int(hit.sum()))
     return idx, inputs
 
 
@@ -261,6 +279,8 @@ def train_batch(
     aug: AugmentConfig | None = None,
     mask_prob: float = 0.2,
     random_windows: bool = False,
+    n_items: int | None = None,
+    user_substitute_prob: float = 0.0,
 ) -> Batch:
     """Training inputs and targets for `users`.
 
@@ -268,8 +288,10 @@ def train_batch(
     masked: a random `mask_prob` of positions (at least one, and the last with
     probability one half) replaced by the mask token; targets only at masked positions.
     With `random_windows`, a sequence longer than the window contributes a random
-    window of itself rather than its latest one.
+    window of itself rather than its latest one. With `user_substitute_prob`, a
+    sequence's user is swapped for a random one (SSE-PT's regulariser of user vectors).
     """
+    n_items = int(seqs.items.max(initial=1)) if n_items is None else n_items
     rows: dict[str, list[np.ndarray]] = {
         k: [] for k in ("items", "gaps", "events", "weights", "targets", "tw")
     }
@@ -282,7 +304,7 @@ def train_batch(
         idx = np.arange(max(sl.start, stop - window), stop)
         inputs = seqs.items[idx]
         if aug is not None:
-            idx, inputs = _augment(idx, aug, rng, mask_token, seqs.items)
+            idx, inputs = _augment(idx, aug, rng, mask_token, seqs.items, n_items)
         if objective == "causal":
             src, tgt = idx[:-1], idx[1:]
             inp = inputs[:-1]
@@ -318,4 +340,16 @@ def train_batch(
         lengths=torch.from_numpy(lengths),
         targets=torch.from_numpy(_pad(rows["targets"], width)),
         target_weights=torch.from_numpy(_pad(rows["tw"], width)),
+        users=torch.from_numpy(_user_rows(users, seqs.n_users, user_substitute_prob, rng)),
     )
+
+
+def _user_rows(
+    users: np.ndarray, n_users: int, substitute_prob: float, rng: np.random.Generator
+) -> np.ndarray:
+    """(B,) user-table rows (index + 1), each swapped for a random user with the given odds."""
+    rows = np.asarray(users, dtype=np.int64) + 1
+    if substitute_prob:
+        swap = rng.random(len(rows)) < substitute_prob
+        rows[swap] = rng.integers(1, n_users + 1, int(swap.sum()))
+    return rows

@@ -109,6 +109,7 @@ def build_encoder(cfg: Config, data: SplitData, cache_dir: Path) -> AttnFlowEnco
         event_vocab=data.event_vocab,
         order_only=bool(data.meta.get("order_only")),
         has_text=cfg.model.text.mode != "none",
+        n_users=data.train.n_users if cfg.model.user_embeddings else 0,
     )
     torch.manual_seed(cfg.train.seed)
     encoder = AttnFlowEncoder(spec)
@@ -281,7 +282,9 @@ def train_model(
     train_users = np.flatnonzero(lengths >= min_len)
     mask_token = encoder.spec.mask_token
     aug = tcfg.augment
-    use_aug = aug.crop_prob > 0 or aug.mask_prob > 0 or aug.reorder_prob > 0
+    use_aug = any(
+        p > 0 for p in (aug.crop_prob, aug.mask_prob, aug.substitute_prob, aug.reorder_prob)
+    )
     negatives = None
     if tcfg.early_stop_protocol == "sampled":
         negatives = negatives_for(data, "valid", cfg.evaluate.sampled_negatives, cfg.evaluate.seed)
@@ -390,6 +393,8 @@ def train_model(
                 aug if use_aug else None,
                 mcfg.mask_prob,
                 tcfg.random_windows,
+                data.n_items,
+                aug.user_substitute_prob,
             ).to(device)
             text_table = (
                 lora.table_for(torch.cat([batch.items.flatten(), batch.targets.flatten()]), neg_gen)

@@ -141,3 +141,107 @@ def test_explanations_are_attention_over_the_history():
     assert attn.shape == (2, 5)
     torch.testing.assert_close(attn.sum(1), torch.ones(2), rtol=1e-4, atol=1e-4)
     assert torch.all(attn[1, 2:] == 0)  # padding gets no attention
+
+
+def _user_encoder(n_users: int = 3) -> AttnFlowEncoder:
+    cfg = small_config(**{"model.user_embeddings": "true"})
+    spec = ModelSpec(
+        model=cfg.model.model_dump(mode="json"),
+        n_items=50,
+        n_catalog=60,
+        event_vocab=["click", "view"],
+        n_users=n_users,
+    )
+    torch.manual_seed(0)
+    enc = AttnFlowEncoder(spec).eval()
+    with torch.no_grad():  # trained-size user vectors, so that they visibly move the output
+        enc.user_emb.weight[1:].normal_(std=1.0)
+    return enc
+
+
+def test_user_vectors_personalise_scores_and_unknown_users_get_none():
+    enc = _user_encoder()
+    rec = Recommender(enc)
+    same = _seqs([[3, 7, 9, 12, 4], [3, 7, 9, 12, 4]])
+    two_users = rec.score(history_batch(same, np.array([0, 1]), 20, 8))
+    assert not torch.allclose(two_users[0], two_users[1])  # same history, different people
+    # An explicit history (row 0) and a user the model never saw (row > n_users) both
+    # score as the model without any user vector.
+    anonymous = rec.score(history_batch(same, np.array([0]), 20, 8, user_rows=np.array([0])))
+    unseen = rec.score(history_batch(same, np.array([0]), 20, 8, user_rows=np.array([99])))
+    batch = history_batch(same, np.array([0]), 20, 8)
+    batch.users = None
+    no_vector = rec.score(batch)
+    torch.testing.assert_close(anonymous, no_vector, rtol=0, atol=1e-6)
+    torch.testing.assert_close(unseen, no_vector, rtol=0, atol=1e-6)
+
+
+def test_user_vectors_keep_the_encoder_causal():
+    enc = _user_encoder()
+    short = history_batch(_seqs([[3, 7, 9, 12, 4]]), np.array([0]), 20, 8, user_rows=np.array([2]))
+    longer = history_batch(
+        _seqs([[3, 7, 9, 12, 4, 30, 31]]), np.array([0]), 20, 8, user_rows=np.array([2])
+    )
+    with torch.no_grad():
+        a, _ = enc(short)
+        b, _ = enc(longer)
+    torch.testing.assert_close(a[0, :5], b[0, :5], rtol=0, atol=1e-6)
+
+
+def test_item_and_user_substitution_replace_inputs_at_the_configured_rate():
+    from pipelines.config import AugmentConfig
+    from pipelines.sequences import train_batch
+
+    rows = [list(range(1, 41))] * 200
+    seqs = _seqs(rows)
+    aug = AugmentConfig(substitute_prob=0.25, user_substitute_prob=0.5)
+    rng = np.random.default_rng(0)
+    users = np.arange(200)
+    batch = train_batch(
+        seqs,
+        users,
+        50,
+        8,
+        "causal",
+        61,
+        rng,
+        aug,
+        n_items=50,
+        user_substitute_prob=aug.user_substitute_prob,
+    )
+    inputs = batch.items.numpy()  # (200, 39): inputs 1..39 predict targets 2..40
+    changed = (inputs != np.arange(1, 40)).mean()
+    assert 0.2 < changed < 0.3, changed
+    assert np.all(batch.targets.numpy() == np.arange(2, 41))  # targets are never substituted
+    assert np.all((batch.items.numpy() >= 1) & (batch.items.numpy() <= 50))
+    swapped = (batch.users.numpy() != users + 1).mean()
+    assert 0.4 < swapped < 0.6, swapped  # a swap may draw the same user: slightly under 0.5
+    plain = train_batch(seqs, users, 50, 8, "causal", 61, np.random.default_rng(0))
+    assert np.all(plain.users.numpy() == users + 1)
+
+
+def test_personalised_model_trains_exports_and_serves(synth_split, tmp_path):
+    from pipelines.inference import ServedModel
+    from pipelines.train import export_model
+
+    data = load_split(synth_split)
+    cfg = small_config(
+        **{
+            "train.epochs": 3,
+            "model.user_embeddings": "true",
+            "train.augment.user_substitute_prob": 0.5,
+            "train.augment.substitute_prob": 0.1,
+        }
+    )
+    result = train_model(cfg, data)
+    losses = [h["loss"] for h in result.history]
+    assert losses[-1] < losses[0]
+    assert result.encoder.user_emb is not None
+    assert result.encoder.user_emb.weight[1:].abs().sum() > 0
+    folder = export_model(result.encoder, data, tmp_path / "model", {})
+    served = ServedModel.load(folder)
+    assert served.spec.n_users == data.train.n_users
+    user = next(iter(served.user_index))
+    known = served.recommend(user_id=user, k=5)
+    anonymous = served.recommend(history=known.items[:2], k=5)
+    assert len(known.items) == 5 and len(anonymous.items) == 5
