@@ -271,6 +271,10 @@ class TrainConfig(Section):
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(0, ge=0)  # linear learning-rate warm-up (post-LN BERT needs it)
+    # learning rate x factor each `lr_decay_patience` epochs without a better validation
+    # score (1.0: constant); `patience` still ends the run
+    lr_decay_factor: float = Field(1.0, gt=0, le=1)
+    lr_decay_patience: int = Field(2, ge=1)
     weight_decay: float = Field(0.0, ge=0)
     # full softmax CE | sampled softmax (shared negatives) | bce (SASRec's: per-position negatives)
     loss: Literal["full", "sampled", "bce"] = "full"

@@ -256,8 +256,11 @@ def train_model(
         groups.append({"params": lora.parameters(), "lr": mcfg.text.lora_lr})
     optimizer = torch.optim.Adam(groups, betas=(0.9, 0.98), weight_decay=tcfg.weight_decay)
     warmup = tcfg.warmup_steps
+    # lr_scale[0]: what plateau decay has made of the learning rate (checkpointed)
+    lr_scale = [1.0]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+        optimizer,
+        lambda step: (min(1.0, (step + 1) / warmup) if warmup else 1.0) * lr_scale[0],
     )
     model: torch.nn.Module = encoder
     if world > 1:
@@ -319,6 +322,7 @@ def train_model(
         result.best_epoch, result.best_metric = saved["best_epoch"], saved["best_metric"]
         result.train_seconds, result.sequences = saved["train_seconds"], saved["sequences"]
         bad_epochs = saved["bad_epochs"]
+        lr_scale[0] = saved.get("lr_scale", 1.0)
         best_state = saved.get("best_model")
         resume_rng = saved.get("rng") if start_step else None
         result.resumed_from = {"epoch": start_epoch, "step": start_step}
@@ -337,6 +341,7 @@ def train_model(
             "best_epoch": result.best_epoch,
             "best_metric": result.best_metric,
             "bad_epochs": bad_epochs,
+            "lr_scale": lr_scale[0],
             "train_seconds": result.train_seconds,
             "sequences": result.sequences,
         }
@@ -436,6 +441,7 @@ def train_model(
             lora.refresh()
         row: dict[str, float] = {"epoch": epoch + 1, "loss": float(np.mean(losses or [0.0]))}
         if (epoch + 1) % tcfg.eval_every == 0 or epoch + 1 == tcfg.epochs:
+            decay = False
             if rank == 0:
                 row.update(validate(encoder, data, cfg, negatives, eval_users))
                 score = row[metric_key]
@@ -447,8 +453,15 @@ def train_model(
                     bad_epochs = 0
                 else:
                     bad_epochs += 1
+                    decay = tcfg.lr_decay_factor < 1 and bad_epochs % tcfg.lr_decay_patience == 0
                 stop = bad_epochs >= tcfg.patience
             stop = _broadcast(stop, world)
+            if _broadcast(decay, world):  # a plateau: continue with a smaller step
+                lr_scale[0] *= tcfg.lr_decay_factor
+                for group in optimizer.param_groups:
+                    group["lr"] *= tcfg.lr_decay_factor
+                log.info("validation plateau: learning rate x%.3g", lr_scale[0])
+        row["lr_scale"] = lr_scale[0]
         row["seconds"] = round(result.train_seconds, 3)
         result.history.append(row)
         result.epochs_run = epoch + 1

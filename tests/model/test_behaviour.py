@@ -245,3 +245,17 @@ def test_personalised_model_trains_exports_and_serves(synth_split, tmp_path):
     known = served.recommend(user_id=user, k=5)
     anonymous = served.recommend(history=known.items[:2], k=5)
     assert len(known.items) == 5 and len(anonymous.items) == 5
+
+
+def test_plateau_decay_lowers_the_learning_rate_and_survives_resume(synth_split, tmp_path):
+    """With a learning rate too small to move a float32 weight, every epoch after the
+    first is a plateau: the scale halves each epoch, and a resumed run continues it."""
+    data = load_split(synth_split)
+    over = {"train.lr": 1e-12, "train.lr_decay_factor": 0.5, "train.lr_decay_patience": 1}
+    first = train_model(small_config(**over, **{"train.epochs": 3}), data, tmp_path)
+    assert [h["lr_scale"] for h in first.history] == [1.0, 0.5, 0.25]
+    resumed = train_model(small_config(**over, **{"train.epochs": 5}), data, tmp_path)
+    assert resumed.resumed_from == {"epoch": 3, "step": 0}
+    assert [h["lr_scale"] for h in resumed.history] == [1.0, 0.5, 0.25, 0.125, 0.0625]
+    constant = train_model(small_config(**{"train.epochs": 2}), data)
+    assert [h["lr_scale"] for h in constant.history] == [1.0, 1.0]
