@@ -1,0 +1,118 @@
+"""Benchmark: which training levers move quality on games (SASRec protocol), one at a time.
+
+    python benchmarks/games_ablation.py VARIANT [VARIANT ...] [--threads 1]
+    python benchmarks/games_ablation.py --list
+
+Each variant trains the games model (benchmarks.common.games_overrides plus the
+variant's overrides) with `train_model`, in-process and without MLflow, then ranks
+every user's test target against the fixed 100 sampled negatives (seed 2018) and
+against every unseen item. One JSON line per variant is appended to
+benchmarks/results/games_ablation.jsonl. The full report of a chosen configuration
+(baselines, segments, MLflow run) comes from benchmarks/quality.py with the same
+overrides passed as --set.
+
+Two variants at --threads 1 side by side use this machine's two cores; that is how the
+recorded lines were measured, so their seconds are not single-run timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import GAMES_SPLIT, games_overrides, scratch_project  # noqa: E402
+
+SSE = ["train.augment.mask_prob=0.2", "train.augment.substitute_prob=0.1"]
+DECAY = ["train.lr_decay_factor=0.3", "train.lr_decay_patience=2", "train.patience=6"]
+
+VARIANTS: dict[str, list[str]] = {
+    "base": [],
+    "mask": ["train.augment.mask_prob=0.2"],
+    "dropout0.5_from_end": ["model.dropout=0.5", "model.positions=from_end"],
+    "mask_sub0.1": SSE,
+    "mask_sub0.3": ["train.augment.mask_prob=0.2", "train.augment.substitute_prob=0.3"],
+    "mask_users_swap0.9": [
+        "train.augment.mask_prob=0.2",
+        "model.user_embeddings=true",
+        "train.augment.user_substitute_prob=0.9",
+    ],
+    "mask_users_swap0.1": [
+        "train.augment.mask_prob=0.2",
+        "model.user_embeddings=true",
+        "train.augment.user_substitute_prob=0.1",
+    ],
+    "mask_sub0.1_hidden128": [*SSE, "model.hidden=128"],
+    "mask_sub0.1_decay": [*SSE, *DECAY],
+    "mask_sub0.1_neg256": [*SSE, "train.negatives=256"],
+    "mask_sub0.1_neg256_decay": [*SSE, "train.negatives=256", *DECAY],
+}
+
+
+def run_variant(name: str, threads: int) -> dict:
+    """Train one variant and rank the test targets (sampled and full)."""
+    from pipelines.config import load_config
+    from pipelines.evaluate import evaluate_scores, negatives_for
+    from pipelines.model import Recommender
+    from pipelines.sequences import load_split
+    from pipelines.train import train_model
+
+    root = scratch_project("games", GAMES_SPLIT)
+    overrides = [*games_overrides(), f"train.threads={threads}", *VARIANTS[name]]
+    cfg = load_config(root / "params.yaml", overrides)
+    data = load_split(root / cfg.paths.split_dir, cfg.model.time_buckets)
+    t0 = time.perf_counter()
+    result = train_model(cfg, data, None, cache_dir=root / ".attnflow" / "cache")
+    spec = result.encoder.spec
+    report = evaluate_scores(
+        Recommender(result.encoder).score,
+        data,
+        "test",
+        [10],
+        spec.config.max_len,
+        spec.config.weight_buckets,
+        spec.mask_token if spec.config.objective == "masked" else None,
+        negatives=negatives_for(data, "test", cfg.evaluate.sampled_negatives, cfg.evaluate.seed),
+    )
+    return {
+        "variant": name,
+        "overrides": VARIANTS[name],
+        "threads": threads,
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "valid_sampled_ndcg@10": round(result.best_metric, 4),
+        "train_seconds": round(result.train_seconds, 1),
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "test_sampled": {k: round(v, 4) for k, v in report.sampled.items() if k.endswith("@10")},
+        "test_full": {k: round(v, 4) for k, v in report.full.items() if k.endswith("@10")},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("variants", nargs="*", help="names from --list")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--list", action="store_true", help="print the variants and exit")
+    args = parser.parse_args()
+    if args.list or not args.variants:
+        for name, over in VARIANTS.items():
+            print(f"{name}: {' '.join(over) or '(games_overrides only)'}")
+        return
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s): {', '.join(unknown)} (see --list)")
+    out = ROOT / "benchmarks" / "results" / "games_ablation.jsonl"
+    for name in args.variants:
+        line = run_variant(name, args.threads)
+        with out.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+        print(json.dumps(line))
+
+
+if __name__ == "__main__":
+    main()
