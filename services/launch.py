@@ -43,6 +43,42 @@ class LaunchError(AttnflowError):
 SERVICE_ID_ENV = "ATTNFLOW_SERVICE_ID"  # marks every process of one spawned service
 
 
+def _owned_elsewhere(proc: psutil.Process, service_id: str) -> bool:
+    try:
+        owner = proc.environ().get(SERVICE_ID_ENV)
+    except psutil.Error:
+        return False
+    return bool(owner and service_id and owner != service_id)
+
+
+def live_descendants(pid: int, service_id: str | None = None) -> list[int]:
+    """Pids under `pid` now, in any session, except trees of other spawned services.
+
+    `service_id` defaults to the one `pid` itself runs with; a `pid` without one is not
+    a service `spawn` started (a recorded pid since reused, say) and yields nothing.
+    Processes a service starts later (the flow runs a Prefect worker launches, each in a
+    session of its own) are only found this way: pids recorded at start-up miss them.
+    """
+    try:
+        leader = psutil.Process(pid)
+        if service_id is None:
+            service_id = leader.environ().get(SERVICE_ID_ENV, "")
+            if not service_id:
+                return []
+        todo = leader.children()
+    except psutil.Error:
+        return []
+    found: list[int] = []
+    while todo:
+        proc = todo.pop()
+        if _owned_elsewhere(proc, service_id):
+            continue  # another service's tree: not ours to stop
+        found.append(proc.pid)
+        with contextlib.suppress(psutil.Error):
+            todo.extend(proc.children())
+    return sorted(found)
+
+
 @dataclass
 class Handle:
     """A started service process: stop it with `stop()` or use it as a context manager.
@@ -68,27 +104,11 @@ class Handle:
 
     def descendants(self) -> list[int]:
         """Pids of the leader's processes now, plus every descendant seen before."""
-        found: set[int] = set()
-        try:
-            todo = psutil.Process(self.pid).children()
-        except psutil.Error:
-            todo = []
-        while todo:
-            proc = todo.pop()
-            if self._owned_elsewhere(proc):
-                continue  # another service's tree: not ours to stop
-            found.add(proc.pid)
-            with contextlib.suppress(psutil.Error):
-                todo.extend(proc.children())
-        self.known |= found
+        self.known |= set(live_descendants(self.pid, self.service_id))
         return sorted(self.known)
 
     def _owned_elsewhere(self, proc: psutil.Process) -> bool:
-        try:
-            owner = proc.environ().get(SERVICE_ID_ENV)
-        except psutil.Error:
-            return False
-        return bool(owner and self.service_id and owner != self.service_id)
+        return _owned_elsewhere(proc, self.service_id)
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM the process group, then SIGKILL whatever is left after `timeout` seconds."""

@@ -30,7 +30,14 @@ import psutil
 from pipelines.config import load_config
 from pipelines.errors import AttnflowError
 from pipelines.registry import CHALLENGER, CHAMPION, state_dir
-from services.launch import Handle, free_port, spawn, start_gateway, start_model_service
+from services.launch import (
+    Handle,
+    free_port,
+    live_descendants,
+    spawn,
+    start_gateway,
+    start_model_service,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +92,11 @@ def stop_pids(pids: list[int], timeout: float = 15.0) -> None:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and any(_alive(p) for p in pids):
         time.sleep(0.1)
+
+
+def _tree(rec: dict[str, Any]) -> list[int]:
+    """A recorded component's pids: those seen at start-up and those under it now."""
+    return sorted({rec["pid"], *rec.get("pids", []), *live_descendants(rec["pid"])})
 
 
 def _record(handle: Handle, **extra: Any) -> dict[str, Any]:
@@ -278,10 +290,10 @@ class Stack:
         state = self.read()
         stopped = []
         for role, rec in list(state["models"].items()):
-            stop_pids([rec["pid"], *rec.get("pids", [])])
+            stop_pids(_tree(rec))
             stopped.append(f"model:{role}")
         for name, rec in reversed(list(state["components"].items())):
-            stop_pids([rec["pid"], *rec.get("pids", [])])
+            stop_pids(_tree(rec))  # a worker's flow runs in flight included
             stopped.append(name)
         with self._locked() as st:
             st["components"], st["models"] = {}, {}
