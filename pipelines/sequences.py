@@ -238,7 +238,7 @@ def _augment(
     rng: np.random.Generator,
     mask_token: int,
     items: np.ndarray,
-    n_items: int,
+    n_items: int | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Crop and reorder the positions `idx`; returns (positions, input items after masking).
 
@@ -261,7 +261,7 @@ def _augment(
         hit = rng.random(len(inputs)) < aug.mask_prob
         hit[-1] = False  # the last input predicts the target: keep it
         inputs[hit] = mask_token
-    if aug.substitute_prob:
+    if aug.substitute_prob and n_items:
         hit = (rng.random(len(inputs)) < aug.substitute_prob) & (inputs != mask_token)
         hit[-1] = False
         inputs[hit] = rng.integers(1, n_items + 1, int(hit.sum()))
@@ -291,7 +291,8 @@ def train_batch(
     window of itself rather than its latest one. With `user_substitute_prob`, a
     sequence's user is swapped for a random one (SSE-PT's regulariser of user vectors).
     """
-    n_items = int(seqs.items.max(initial=1)) if n_items is None else n_items
+    if n_items is None and aug is not None and aug.substitute_prob:  # substitution draws 1..n
+        n_items = int(seqs.items.max(initial=1))
     rows: dict[str, list[np.ndarray]] = {
         k: [] for k in ("items", "gaps", "events", "weights", "targets", "tw")
     }
