@@ -107,9 +107,6 @@ class Handle:
         self.known |= set(live_descendants(self.pid, self.service_id))
         return sorted(self.known)
 
-    def _owned_elsewhere(self, proc: psutil.Process) -> bool:
-        return _owned_elsewhere(proc, self.service_id)
-
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM the process group, then SIGKILL whatever is left after `timeout` seconds."""
         _stop([self], timeout)
