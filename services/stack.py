@@ -240,7 +240,7 @@ class Stack:
         with self._locked() as state:
             state["models"][role] = rec
         if old and old["pid"] != rec["pid"]:
-            stop_pids([old["pid"], *old.get("pids", [])])
+            stop_pids(_tree(old))
         return rec
 
     def stop_role(self, role: str) -> None:
@@ -248,7 +248,7 @@ class Stack:
         with self._locked() as state:
             rec = state["models"].pop(role, None)
         if rec:
-            stop_pids([rec["pid"], *rec.get("pids", [])])
+            stop_pids(_tree(rec))
 
     def promote(self, version: str) -> None:
         """challenger -> champion, old champion -> standby (the older standby stops)."""
@@ -261,7 +261,7 @@ class Stack:
                 models[STANDBY] = {**models[CHAMPION], "role": STANDBY}
             models[CHAMPION] = {**models.pop(CHALLENGER), "role": CHAMPION}
         if old_standby:
-            stop_pids([old_standby["pid"], *old_standby.get("pids", [])])
+            stop_pids(_tree(old_standby))
 
     def swap_standby(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """standby <-> champion (for rollback); returns (new champion, new standby)."""
