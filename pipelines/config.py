@@ -275,6 +275,8 @@ class TrainConfig(Section):
     # score (1.0: constant); `patience` still ends the run
     lr_decay_factor: float = Field(1.0, gt=0, le=1)
     lr_decay_patience: int = Field(2, ge=1)
+    # validate, keep and export an exponential moving average of the weights (0: off)
+    ema_decay: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     # full softmax CE | sampled softmax (shared negatives) | bce (SASRec's: per-position negatives)
     loss: Literal["full", "sampled", "bce"] = "full"

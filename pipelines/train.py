@@ -251,6 +251,10 @@ def train_model(
 
     encoder = build_encoder(cfg, data, cache_dir).to(device)
     lora = LoraText(cfg, data, encoder, device) if mcfg.text.mode == "lora" else None
+    # The weights that are validated, kept as best and exported: the encoder's own, or an
+    # exponential moving average of them (smoother than the last step's weights).
+    ema = copy_encoder(encoder) if tcfg.ema_decay > 0 else None
+    scored = ema if ema is not None else encoder
     groups = [{"params": list(encoder.parameters()), "lr": tcfg.lr}]
     if lora is not None:
         groups.append({"params": lora.parameters(), "lr": mcfg.text.lora_lr})
@@ -324,6 +328,8 @@ def train_model(
         bad_epochs = saved["bad_epochs"]
         lr_scale[0] = saved.get("lr_scale", 1.0)
         best_state = saved.get("best_model")
+        if ema is not None:
+            ema.load_state_dict(saved["ema"])
         resume_rng = saved.get("rng") if start_step else None
         result.resumed_from = {"epoch": start_epoch, "step": start_step}
         log.info("resuming from %s at epoch %d step %d", ckpt_path, start_epoch, start_step)
@@ -347,6 +353,8 @@ def train_model(
         }
         if best_state is not None:
             state["best_model"] = best_state
+        if ema is not None:
+            state["ema"] = ema.state_dict()
         if rng_state is not None:
             state["rng"] = rng_state
         if lora is not None:
@@ -414,6 +422,8 @@ def train_model(
                 _fgm_step(model, encoder, batch, tcfg, neg_gen, text_table, autocast, neg_probs)
             optimizer.step()
             scheduler.step()
+            if ema is not None:
+                _ema_update(ema, encoder, tcfg.ema_decay)
             losses.append(float(loss.detach()))
             result.sequences += len(users) * world
             done = step + 1
@@ -443,12 +453,12 @@ def train_model(
         if (epoch + 1) % tcfg.eval_every == 0 or epoch + 1 == tcfg.epochs:
             decay = False
             if rank == 0:
-                row.update(validate(encoder, data, cfg, negatives, eval_users))
+                row.update(validate(scored, data, cfg, negatives, eval_users))
                 score = row[metric_key]
                 if score > result.best_metric:
                     result.best_metric, result.best_epoch = score, epoch + 1
                     best_state = {
-                        k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()
+                        k: v.detach().cpu().clone() for k, v in scored.state_dict().items()
                     }
                     bad_epochs = 0
                 else:
@@ -475,6 +485,13 @@ def train_model(
         encoder.load_state_dict(best_state)
     result.encoder = encoder
     return result
+
+
+@torch.no_grad()
+def _ema_update(ema: AttnFlowEncoder, encoder: AttnFlowEncoder, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * encoder, parameter by parameter."""
+    for avg, param in zip(ema.parameters(), encoder.parameters(), strict=True):
+        avg.lerp_(param, 1.0 - decay)
 
 
 def _loss(model, encoder, batch, tcfg, gen, text_table, neg_probs=None) -> torch.Tensor:

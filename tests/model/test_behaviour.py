@@ -12,7 +12,7 @@ from pipelines.baselines import MostPopular
 from pipelines.evaluate import evaluate_scores
 from pipelines.model import AttnFlowEncoder, ModelSpec, Recommender
 from pipelines.sequences import Sequences, history_batch, load_split
-from pipelines.train import train_model
+from pipelines.train import train_model, validate
 from tests.model.conftest import small_config
 
 
@@ -259,3 +259,23 @@ def test_plateau_decay_lowers_the_learning_rate_and_survives_resume(synth_split,
     assert [h["lr_scale"] for h in resumed.history] == [1.0, 0.5, 0.25, 0.125, 0.0625]
     constant = train_model(small_config(**{"train.epochs": 2}), data)
     assert [h["lr_scale"] for h in constant.history] == [1.0, 1.0]
+
+
+def test_ema_weights_are_the_validated_exported_and_resumed_ones(synth_split, tmp_path):
+    """With `train.ema_decay` the moving average is what validation scores, what the run
+    returns, and what a checkpoint carries; the raw training trajectory is unchanged."""
+    from tests.model._train_job import weights_digest
+
+    data = load_split(synth_split)
+    over = {"train.ema_decay": 0.9, "train.epochs": 3}
+    whole = train_model(small_config(**over), data)
+    cfg = small_config(**over)
+    again = validate(whole.encoder, data, cfg, None, None)
+    assert again[f"valid_{cfg.train.early_stop_metric}"] == pytest.approx(whole.best_metric)
+    plain = train_model(small_config(**{"train.epochs": 3}), data)
+    assert weights_digest(plain.encoder) != weights_digest(whole.encoder)
+    assert [h["loss"] for h in plain.history] == [h["loss"] for h in whole.history]
+    train_model(small_config(**{**over, "train.epochs": 2}), data, tmp_path)
+    resumed = train_model(small_config(**over), data, tmp_path)
+    assert resumed.resumed_from == {"epoch": 2, "step": 0}
+    assert weights_digest(resumed.encoder) == weights_digest(whole.encoder)
