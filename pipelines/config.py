@@ -277,6 +277,9 @@ class TrainConfig(Section):
     lr_decay_patience: int = Field(2, ge=1)
     # validate, keep and export an exponential moving average of the weights (0: off)
     ema_decay: float = Field(0.0, ge=0, lt=1)
+    # InfoNCE between two dropout views of each sequence (DuoRec), x this weight (0: off)
+    contrastive_weight: float = Field(0.0, ge=0)
+    contrastive_temperature: float = Field(1.0, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     # full softmax CE | sampled softmax (shared negatives) | bce (SASRec's: per-position negatives)
     loss: Literal["full", "sampled", "bce"] = "full"

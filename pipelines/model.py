@@ -248,6 +248,7 @@ def softmax_loss(
     text_table: torch.Tensor | None = None,
     neg_probs: torch.Tensor | None = None,
     logq: bool = True,
+    hidden: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of the next (causal) or masked-out (masked) item at every target.
 
@@ -255,9 +256,11 @@ def softmax_loss(
     items shared by the batch, drawn uniformly or, with `neg_probs` (n_items + 1,),
     from that distribution with the logQ correction that keeps the estimate unbiased;
     accidental hits are masked out. bce: SASRec's logistic loss, each target against
-    `negatives` uniform items of its own.
+    `negatives` uniform items of its own. `hidden` (B, L, d): the encoder's output for
+    `batch` when the caller has it already.
     """
-    hidden, _ = encoder(batch, text_table)  # (B, L, d)
+    if hidden is None:
+        hidden, _ = encoder(batch, text_table)  # (B, L, d)
     sel = batch.targets > 0
     h = hidden[sel]  # (N, d) states at target positions
     t = batch.targets[sel]  # (N,)
@@ -297,6 +300,20 @@ def softmax_loss(
         w = batch.target_weights[sel].float()
         return (per_target * w).sum() / w.sum().clamp(min=1e-6)
     return per_target.mean()
+
+
+def contrastive_loss(first: torch.Tensor, second: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE between two views of the same sequences (DuoRec's unsupervised objective).
+
+    first, second: (B, d) representations of one batch under two dropout masks. Each
+    row's positive is its other view; the other 2B - 2 rows of the batch are negatives.
+    """
+    z = torch.cat([first, second]).float()  # (2B, d)
+    sim = (z @ z.T) / temperature  # (2B, 2B)
+    sim = sim.fill_diagonal_(float("-inf"))  # a view is not its own negative
+    n = first.shape[0]
+    partner = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)  # (2B,)
+    return nn.functional.cross_entropy(sim, partner)
 
 
 # --- inference head ----------------------------------------------------------------------------

@@ -171,6 +171,14 @@ class Batch:
         }
         return Batch(**moved)
 
+    def twice(self) -> Batch:
+        """The batch stacked on itself: (2B, L), rows B.. repeat rows ..B (two views)."""
+        doubled = {
+            k: (torch.cat([v, v]) if isinstance(v, torch.Tensor) else v)
+            for k, v in self.__dict__.items()
+        }
+        return Batch(**doubled)
+
 
 def _pad(rows: list[np.ndarray], width: int) -> np.ndarray:
     out = np.zeros((len(rows), width), dtype=rows[0].dtype if rows else np.int64)

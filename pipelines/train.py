@@ -32,7 +32,7 @@ import torch
 
 from pipelines.config import Config
 from pipelines.evaluate import evaluate_scores, negatives_for
-from pipelines.model import AttnFlowEncoder, ModelSpec, Recommender, softmax_loss
+from pipelines.model import AttnFlowEncoder, ModelSpec, Recommender, contrastive_loss, softmax_loss
 from pipelines.sequences import SplitData, length_bucketed_batches, train_batch
 
 log = logging.getLogger(__name__)
@@ -497,7 +497,18 @@ def _ema_update(ema: AttnFlowEncoder, encoder: AttnFlowEncoder, decay: float) ->
 def _loss(model, encoder, batch, tcfg, gen, text_table, neg_probs=None) -> torch.Tensor:
     # Through the DDP wrapper when there is one, so that gradients are all-reduced.
     runner = encoder if model is encoder else _DDPEncoderView(model, encoder)
-    return softmax_loss(
+    hidden = None
+    if tcfg.contrastive_weight > 0:
+        # one forward over both views (DDP syncs one forward per backward)
+        both, _ = runner(batch.twice(), text_table)  # (2B, L, d)
+        n = batch.items.shape[0]
+        hidden = both[:n]
+        rows = torch.arange(n, device=both.device)
+        last = batch.lengths - 1  # (B,) each sequence's prediction point
+        cl = contrastive_loss(
+            both[:n][rows, last], both[n:][rows, last], tcfg.contrastive_temperature
+        )
+    rec = softmax_loss(
         runner,
         batch,
         tcfg.loss,
@@ -507,7 +518,9 @@ def _loss(model, encoder, batch, tcfg, gen, text_table, neg_probs=None) -> torch
         text_table,
         neg_probs,
         tcfg.logq_correction,
+        hidden=hidden,
     )
+    return rec if hidden is None else rec + tcfg.contrastive_weight * cl
 
 
 def negative_distribution(data: SplitData, alpha: float) -> torch.Tensor:
