@@ -30,6 +30,7 @@ from benchmarks.common import GAMES_SPLIT, games_overrides, scratch_project  # n
 
 SSE = ["train.augment.mask_prob=0.2", "train.augment.substitute_prob=0.1"]
 DECAY = ["train.lr_decay_factor=0.3", "train.lr_decay_patience=2", "train.patience=6"]
+BEST = [*SSE, "train.negatives=256", *DECAY]  # the best of the levers measured one at a time
 
 VARIANTS: dict[str, list[str]] = {
     "base": [],
@@ -51,6 +52,19 @@ VARIANTS: dict[str, list[str]] = {
     "mask_sub0.1_decay": [*SSE, *DECAY],
     "mask_sub0.1_neg256": [*SSE, "train.negatives=256"],
     "mask_sub0.1_neg256_decay": [*SSE, "train.negatives=256", *DECAY],
+    "mask_sub0.1_neg64_decay": [*SSE, "train.negatives=64", *DECAY],
+    "mask_sub0.1_neg256_decay_ema0.999": [*BEST, "train.ema_decay=0.999"],
+    "mask_sub0.1_neg256_decay_ema0.99": [*BEST, "train.ema_decay=0.99"],
+    "mask_sub0.1_neg256_decay_from_end": [*BEST, "model.positions=from_end"],
+    "mask_sub0.1_neg256_decay_item_bias": [*BEST, "model.item_bias=true"],
+    "mask_sub0.1_bce8_decay": [*SSE, "train.loss=bce", "train.negatives=8", *DECAY],
+    "mask_sub0.1_neg256_decay_cl0.1": [*BEST, "train.contrastive_weight=0.1"],
+    "mask_sub0.1_neg256_decay_ema0.9995": [*BEST, "train.ema_decay=0.9995"],
+    "mask_sub0.1_neg256_decay_ema0.999_patience10": [
+        *BEST,
+        "train.ema_decay=0.999",
+        "train.patience=10",
+    ],
 }
 
 
