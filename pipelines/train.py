@@ -453,6 +453,8 @@ def train_model(
         if (epoch + 1) % tcfg.eval_every == 0 or epoch + 1 == tcfg.epochs:
             decay = False
             if rank == 0:
+                if ema is not None:
+                    _follow_buffers(ema, encoder)
                 row.update(validate(scored, data, cfg, negatives, eval_users))
                 score = row[metric_key]
                 if score > result.best_metric:
@@ -494,10 +496,17 @@ def _ema_update(ema: AttnFlowEncoder, encoder: AttnFlowEncoder, decay: float) ->
         avg.lerp_(param, 1.0 - decay)
 
 
+@torch.no_grad()
+def _follow_buffers(ema: AttnFlowEncoder, encoder: AttnFlowEncoder) -> None:
+    """Buffers are not averaged: the average takes the live ones (LoRA's refreshed text table)."""
+    for avg, live in zip(ema.buffers(), encoder.buffers(), strict=True):
+        avg.copy_(live)
+
+
 def _loss(model, encoder, batch, tcfg, gen, text_table, neg_probs=None) -> torch.Tensor:
     # Through the DDP wrapper when there is one, so that gradients are all-reduced.
     runner = encoder if model is encoder else _DDPEncoderView(model, encoder)
-    hidden = None
+    hidden, cl = None, 0.0
     if tcfg.contrastive_weight > 0:
         # one forward over both views (DDP syncs one forward per backward)
         both, _ = runner(batch.twice(), text_table)  # (2B, L, d)
@@ -505,8 +514,8 @@ def _loss(model, encoder, batch, tcfg, gen, text_table, neg_probs=None) -> torch
         hidden = both[:n]
         rows = torch.arange(n, device=both.device)
         last = batch.lengths - 1  # (B,) each sequence's prediction point
-        cl = contrastive_loss(
-            both[:n][rows, last], both[n:][rows, last], tcfg.contrastive_temperature
+        cl = tcfg.contrastive_weight * contrastive_loss(
+            hidden[rows, last], both[n:][rows, last], tcfg.contrastive_temperature
         )
     rec = softmax_loss(
         runner,
@@ -520,7 +529,7 @@ def _loss(model, encoder, batch, tcfg, gen, text_table, neg_probs=None) -> torch
         tcfg.logq_correction,
         hidden=hidden,
     )
-    return rec if hidden is None else rec + tcfg.contrastive_weight * cl
+    return rec + cl
 
 
 def negative_distribution(data: SplitData, alpha: float) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from pipelines.model import Recommender
@@ -65,7 +66,9 @@ def test_cold_item_gets_a_text_vector_and_can_be_recommended(synth_split, tmp_pa
     assert scores.shape[1] == data.n_catalog + 1 and torch.isfinite(scores[0, cold])
 
 
-def test_lora_fine_tuning_changes_the_adapters_and_the_text_table(synth_split, tmp_path):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_lora_fine_tuning_changes_the_adapters_and_the_text_table(synth_split, tmp_path, ema_decay):
+    """With a moving average of the weights too, the model keeps the refreshed text table."""
     data = load_split(synth_split)
     frozen = cached_text_embeddings(
         [t or "" for t in data.items.sort_values("item_idx")["text"]], tmp_path
@@ -78,6 +81,7 @@ def test_lora_fine_tuning_changes_the_adapters_and_the_text_table(synth_split, t
             "model.text.lora_refresh_steps": 1000,
             "model.text.max_tokens": 16,
             "model.text.lora_lr": 0.01,
+            "train.ema_decay": ema_decay,
         }
     )
     result = train_model(cfg, data, cache_dir=tmp_path)
