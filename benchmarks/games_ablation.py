@@ -65,6 +65,10 @@ VARIANTS: dict[str, list[str]] = {
         "train.ema_decay=0.999",
         "train.patience=10",
     ],
+    "best_ema_layers3": [*BEST, "train.ema_decay=0.999", "model.layers=3"],
+    "best_ema_neg128": [*SSE, "train.negatives=128", *DECAY, "train.ema_decay=0.999"],
+    "best_ema_ls0.1": [*BEST, "train.ema_decay=0.999", "train.label_smoothing=0.1"],
+    "best_ema_ls0.3": [*BEST, "train.ema_decay=0.999", "train.label_smoothing=0.3"],
 }
 
 

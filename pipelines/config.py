@@ -28,6 +28,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from pipelines.errors import ConfigError
@@ -289,6 +290,8 @@ class TrainConfig(Section):
     popularity_alpha: float = Field(0.75, ge=0, le=1)
     logq_correction: bool = True  # popularity sampling: correct logits by log q (unbiased)
     weight_loss: bool = False  # weight each target by its attention weight
+    # share of each target's mass spread over its candidates (full and sampled losses)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
     # each epoch, long sequences contribute a random window instead of their latest one
     random_windows: bool = False
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
@@ -302,6 +305,12 @@ class TrainConfig(Section):
     compile: bool = False  # torch.compile on CUDA
     bf16: bool = True  # bf16 autocast on CUDA
     threads: int | None = Field(None, ge=1)  # torch CPU threads (None: torch's default)
+
+    @model_validator(mode="after")
+    def _smoothing_needs_softmax(self) -> TrainConfig:
+        if self.label_smoothing and self.loss == "bce":
+            raise ValueError("train.label_smoothing applies to the full and sampled losses, not bce")
+        return self
 
 
 class EvaluateConfig(Section):

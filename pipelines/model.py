@@ -249,6 +249,7 @@ def softmax_loss(
     neg_probs: torch.Tensor | None = None,
     logq: bool = True,
     hidden: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Cross-entropy of the next (causal) or masked-out (masked) item at every target.
 
@@ -257,7 +258,8 @@ def softmax_loss(
     from that distribution with the logQ correction that keeps the estimate unbiased;
     accidental hits are masked out. bce: SASRec's logistic loss, each target against
     `negatives` uniform items of its own. `hidden` (B, L, d): the encoder's output for
-    `batch` when the caller has it already.
+    `batch` when the caller has it already. `label_smoothing` (full and sampled): that
+    share of each target's probability mass is spread evenly over its candidates.
     """
     if hidden is None:
         hidden, _ = encoder(batch, text_table)  # (B, L, d)
@@ -270,7 +272,7 @@ def softmax_loss(
         table = encoder.item_vectors(text_table=text_table)[1 : n_items + 1]  # (n_items, d)
         bias = encoder.bias()
         logits = h @ table.T + (bias[1 : n_items + 1] if torch.is_tensor(bias) else 0.0)
-        per_target = nn.functional.cross_entropy(logits.float(), t - 1, reduction="none")
+        per_target = smoothed_cross_entropy(logits, t - 1, label_smoothing)
     elif loss == "bce":
         neg = torch.randint(1, n_items + 1, (len(t), negatives), generator=generator).to(h.device)
         neg_logits = torch.einsum("nd,nkd->nk", h, encoder.item_vectors(neg, text_table))
@@ -295,11 +297,30 @@ def softmax_loss(
         neg_logits = neg_logits.masked_fill(neg.unsqueeze(0) == t.unsqueeze(1), float("-inf"))
         logits = torch.cat([pos.unsqueeze(1), neg_logits], dim=1)
         labels = torch.zeros(len(t), dtype=torch.long, device=h.device)
-        per_target = nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+        per_target = smoothed_cross_entropy(logits, labels, label_smoothing)
     if weight_loss and batch.target_weights is not None:
         w = batch.target_weights[sel].float()
         return (per_target * w).sum() / w.sum().clamp(min=1e-6)
     return per_target.mean()
+
+
+def smoothed_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0
+) -> torch.Tensor:
+    """(N,) cross-entropy with label smoothing over each row's finite logits.
+
+    logits (N, C), where -inf marks a column that is not a candidate for that row (a
+    sampled negative that is the target itself); labels (N,). torch's own
+    `label_smoothing` would average over every column, -inf ones included, and give inf.
+    """
+    logits = logits.float()
+    if smoothing == 0.0:
+        return nn.functional.cross_entropy(logits, labels, reduction="none")
+    logp = torch.log_softmax(logits, dim=-1)  # (N, C)
+    nll = -logp.gather(1, labels.unsqueeze(1)).squeeze(1)  # (N,)
+    finite = torch.isfinite(logits)
+    uniform = -logp.masked_fill(~finite, 0.0).sum(1) / finite.sum(1)  # (N,) mean over candidates
+    return (1.0 - smoothing) * nll + smoothing * uniform
 
 
 def contrastive_loss(first: torch.Tensor, second: torch.Tensor, temperature: float) -> torch.Tensor:

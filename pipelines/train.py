@@ -528,6 +528,7 @@ def _loss(model, encoder, batch, tcfg, gen, text_table, neg_probs=None) -> torch
         neg_probs,
         tcfg.logq_correction,
         hidden=hidden,
+        label_smoothing=tcfg.label_smoothing,
     )
     return rec + cl
 

@@ -10,7 +10,13 @@ import torch
 
 from pipelines.baselines import MostPopular
 from pipelines.evaluate import evaluate_scores
-from pipelines.model import AttnFlowEncoder, ModelSpec, Recommender, contrastive_loss
+from pipelines.model import (
+    AttnFlowEncoder,
+    ModelSpec,
+    Recommender,
+    contrastive_loss,
+    smoothed_cross_entropy,
+)
 from pipelines.sequences import Sequences, history_batch, load_split
 from pipelines.train import train_model, validate
 from tests.model.conftest import small_config
@@ -309,3 +315,35 @@ def test_contrastive_training_pulls_two_dropout_views_together(synth_split):
     pulled = train_model(small_config(**over, **{"train.contrastive_weight": 0.5}), data)
     assert pulled.history[-1]["loss"] < pulled.history[0]["loss"]
     assert view_loss(pulled) < 0.6 * view_loss(plain)
+
+
+def test_smoothed_cross_entropy_matches_hand_computed_values():
+    """Label smoothing spreads its share over a row's candidates, never over -inf columns."""
+    logits = torch.tensor([[2.0, 0.0, float("-inf")], [0.0, 1.0, 3.0]])
+    labels = torch.tensor([0, 1])
+    z0 = np.log(np.exp(2.0) + 1.0)  # row 0 has two candidates: 2 and 0
+    nll0, mean0 = z0 - 2.0, ((z0 - 2.0) + z0) / 2
+    z1 = np.log(1.0 + np.exp(1.0) + np.exp(3.0))
+    nll1, mean1 = z1 - 1.0, (z1 + (z1 - 1.0) + (z1 - 3.0)) / 3
+    got = smoothed_cross_entropy(logits, labels, 0.2)
+    assert got.tolist() == pytest.approx([0.8 * nll0 + 0.2 * mean0, 0.8 * nll1 + 0.2 * mean1])
+    assert smoothed_cross_entropy(logits, labels).tolist() == pytest.approx([nll0, nll1])
+    finite = logits[1:]  # with every column a candidate it is torch's own label smoothing
+    ref = torch.nn.functional.cross_entropy(finite, labels[1:], label_smoothing=0.2)
+    assert float(smoothed_cross_entropy(finite, labels[1:], 0.2)) == pytest.approx(float(ref))
+
+
+@pytest.mark.parametrize("loss", ["full", "sampled"])
+def test_label_smoothing_makes_training_less_confident(synth_split, loss):
+    """Trained with smoothing, the model's next-item distribution has higher entropy."""
+    data = load_split(synth_split)
+    batch = history_batch(data.train, np.arange(128), 20, 8)
+
+    def entropy(result) -> float:
+        p = torch.softmax(Recommender(result.encoder).score(batch), dim=-1)  # (B, n + 1)
+        return float(-(p * torch.log(p.clamp(min=1e-12))).sum(-1).mean())
+
+    over = {"train.epochs": 4, "train.loss": loss, "train.negatives": 64}
+    plain = train_model(small_config(**over), data)
+    smooth = train_model(small_config(**over, **{"train.label_smoothing": 0.5}), data)
+    assert entropy(smooth) > entropy(plain) + 0.3
