@@ -309,7 +309,7 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _smoothing_needs_softmax(self) -> TrainConfig:
         if self.label_smoothing and self.loss == "bce":
-            raise ValueError("train.label_smoothing applies to the full and sampled losses, not bce")
+            raise ValueError("train.label_smoothing needs the full or sampled loss, not bce")
         return self
 
 
