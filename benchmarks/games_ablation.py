@@ -69,6 +69,27 @@ VARIANTS: dict[str, list[str]] = {
     "best_ema_neg128": [*SSE, "train.negatives=128", *DECAY, "train.ema_decay=0.999"],
     "best_ema_ls0.1": [*BEST, "train.ema_decay=0.999", "train.label_smoothing=0.1"],
     "best_ema_ls0.3": [*BEST, "train.ema_decay=0.999", "train.label_smoothing=0.3"],
+    "best_ema_per_target100": [
+        *SSE,
+        *DECAY,
+        "train.ema_decay=0.999",
+        "train.negatives=100",
+        "train.negatives_per=target",
+    ],
+    "best_ema_per_target256": [*BEST, "train.ema_decay=0.999", "train.negatives_per=target"],
+    "best_ema_seed7": [*BEST, "train.ema_decay=0.999", "train.seed=7"],
+    "best_ema_hidden128_dropout0.5": [
+        *BEST,
+        "train.ema_decay=0.999",
+        "model.hidden=128",
+        "model.dropout=0.5",
+    ],
+    "best_ema_users_swap0.92": [
+        *BEST,
+        "train.ema_decay=0.999",
+        "model.user_embeddings=true",
+        "train.augment.user_substitute_prob=0.92",
+    ],
 }
 
 

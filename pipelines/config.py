@@ -285,6 +285,7 @@ class TrainConfig(Section):
     # full softmax CE | sampled softmax (shared negatives) | bce (SASRec's: per-position negatives)
     loss: Literal["full", "sampled", "bce"] = "full"
     negatives: int = Field(1024, ge=1)  # sampled: shared per batch; bce: per target position
+    negatives_per: Literal["batch", "target"] = "batch"  # sampled: one shared set, or one a target
     # sampled loss: negatives drawn uniformly, or by training frequency ** alpha (with logQ)
     negative_sampling: Literal["uniform", "popularity"] = "uniform"
     popularity_alpha: float = Field(0.75, ge=0, le=1)

@@ -250,6 +250,7 @@ def softmax_loss(
     logq: bool = True,
     hidden: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
+    per_target: bool = False,
 ) -> torch.Tensor:
     """Cross-entropy of the next (causal) or masked-out (masked) item at every target.
 
@@ -260,6 +261,8 @@ def softmax_loss(
     `negatives` uniform items of its own. `hidden` (B, L, d): the encoder's output for
     `batch` when the caller has it already. `label_smoothing` (full and sampled): that
     share of each target's probability mass is spread evenly over its candidates.
+    `per_target` (sampled): each target gets `negatives` items of its own instead of
+    sharing the batch's, so far more of the catalogue is pushed down per step.
     """
     if hidden is None:
         hidden, _ = encoder(batch, text_table)  # (B, L, d)
@@ -283,18 +286,26 @@ def softmax_loss(
             neg_logits.float(), torch.zeros_like(neg_logits, dtype=torch.float), reduction="none"
         ).mean(1)
     else:
+        shape = (len(t), negatives) if per_target else (negatives,)
         if neg_probs is None:
-            neg = torch.randint(1, n_items + 1, (negatives,), generator=generator).to(h.device)
+            neg = torch.randint(1, n_items + 1, shape, generator=generator).to(h.device)
         else:
-            neg = torch.multinomial(neg_probs, negatives, replacement=True, generator=generator).to(
-                h.device
+            draws = torch.multinomial(
+                neg_probs, math.prod(shape), replacement=True, generator=generator
             )
-        neg_logits = h @ encoder.item_vectors(neg, text_table).T + encoder.bias(neg)  # (N, K)
+            neg = draws.view(shape).to(h.device)
+        vectors = encoder.item_vectors(neg, text_table)  # (K, d) shared or (N, K, d) per target
+        if per_target:
+            neg_logits = torch.einsum("nd,nkd->nk", h, vectors) + encoder.bias(neg)  # (N, K)
+            hits = neg == t.unsqueeze(1)
+        else:
+            neg_logits = h @ vectors.T + encoder.bias(neg)  # (N, K)
+            hits = neg.unsqueeze(0) == t.unsqueeze(1)
         if neg_probs is not None and logq:  # logQ correction: subtract log(K q(item))
             log_q = torch.log(neg_probs.to(h.device) * negatives)
             pos = pos - log_q[t]
             neg_logits = neg_logits - log_q[neg]
-        neg_logits = neg_logits.masked_fill(neg.unsqueeze(0) == t.unsqueeze(1), float("-inf"))
+        neg_logits = neg_logits.masked_fill(hits, float("-inf"))
         logits = torch.cat([pos.unsqueeze(1), neg_logits], dim=1)
         labels = torch.zeros(len(t), dtype=torch.long, device=h.device)
         per_target = smoothed_cross_entropy(logits, labels, label_smoothing)

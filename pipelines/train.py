@@ -529,6 +529,7 @@ def _loss(model, encoder, batch, tcfg, gen, text_table, neg_probs=None) -> torch
         tcfg.logq_correction,
         hidden=hidden,
         label_smoothing=tcfg.label_smoothing,
+        per_target=tcfg.negatives_per == "target",
     )
     return rec + cl
 

@@ -16,8 +16,9 @@ from pipelines.model import (
     Recommender,
     contrastive_loss,
     smoothed_cross_entropy,
+    softmax_loss,
 )
-from pipelines.sequences import Sequences, history_batch, load_split
+from pipelines.sequences import Sequences, history_batch, load_split, train_batch
 from pipelines.train import train_model, validate
 from tests.model.conftest import small_config
 
@@ -93,9 +94,15 @@ def test_training_is_deterministic_for_a_seed_and_changes_with_it(synth_split):
 
 
 @pytest.mark.parametrize(
-    ("objective", "loss"), [("causal", "full"), ("causal", "sampled"), ("masked", "full")]
+    ("objective", "loss", "negatives_per"),
+    [
+        ("causal", "full", "batch"),
+        ("causal", "sampled", "batch"),
+        ("causal", "sampled", "target"),
+        ("masked", "full", "batch"),
+    ],
 )
-def test_loss_falls_in_a_short_run(synth_split, objective, loss):
+def test_loss_falls_in_a_short_run(synth_split, objective, loss, negatives_per):
     data = load_split(synth_split)
     cfg = small_config(
         **{
@@ -103,6 +110,7 @@ def test_loss_falls_in_a_short_run(synth_split, objective, loss):
             "model.objective": objective,
             "train.loss": loss,
             "train.negatives": 64,
+            "train.negatives_per": negatives_per,
         }
     )
     result = train_model(cfg, data)
@@ -347,3 +355,29 @@ def test_label_smoothing_makes_training_less_confident(synth_split, loss):
     plain = train_model(small_config(**over), data)
     smooth = train_model(small_config(**over, **{"train.label_smoothing": 0.5}), data)
     assert entropy(smooth) > entropy(plain) + 0.3
+
+
+def test_per_target_negatives_are_each_targets_own_and_skip_accidental_hits():
+    """negatives_per=target: a (targets, K) draw, each row scored against its own items."""
+    enc = _encoder()  # eval mode: no dropout, so the hand computation sees the same states
+    seqs = _seqs([[3, 7, 9, 12, 4], [5, 6, 7, 8]])
+    rng = np.random.default_rng(0)
+    batch = train_batch(seqs, np.array([0, 1]), 20, 8, "causal", enc.spec.mask_token, rng)
+    k = 40
+    got = softmax_loss(
+        enc, batch, "sampled", k, generator=torch.Generator().manual_seed(3), per_target=True
+    )
+    with torch.no_grad():
+        hidden, _ = enc(batch)
+        sel = batch.targets > 0
+        h, t = hidden[sel], batch.targets[sel]  # (N, d), (N,)
+        neg = torch.randint(1, 51, (len(t), k), generator=torch.Generator().manual_seed(3))
+        hits = neg == t.unsqueeze(1)
+        assert hits.any()  # 50 items, 40 draws a row: the masking is exercised
+        table = enc.item_emb.weight
+        neg_logits = torch.einsum("nd,nkd->nk", h, table[neg]).masked_fill(hits, float("-inf"))
+        logits = torch.cat([(h * table[t]).sum(-1, keepdim=True), neg_logits], dim=1)
+        expected = torch.nn.functional.cross_entropy(logits, torch.zeros(len(t), dtype=torch.long))
+    assert float(got.detach()) == pytest.approx(float(expected), rel=1e-5)
+    shared = softmax_loss(enc, batch, "sampled", k, generator=torch.Generator().manual_seed(3))
+    assert float(shared.detach()) != pytest.approx(float(got.detach()), rel=1e-3)
