@@ -275,14 +275,14 @@ def softmax_loss(
         table = encoder.item_vectors(text_table=text_table)[1 : n_items + 1]  # (n_items, d)
         bias = encoder.bias()
         logits = h @ table.T + (bias[1 : n_items + 1] if torch.is_tensor(bias) else 0.0)
-        per_target = smoothed_cross_entropy(logits, t - 1, label_smoothing)
+        losses = smoothed_cross_entropy(logits, t - 1, label_smoothing)
     elif loss == "bce":
         neg = torch.randint(1, n_items + 1, (len(t), negatives), generator=generator).to(h.device)
         neg_logits = torch.einsum("nd,nkd->nk", h, encoder.item_vectors(neg, text_table))
         neg_logits = neg_logits + encoder.bias(neg)  # (N, K)
         bce = nn.functional.binary_cross_entropy_with_logits
-        per_target = bce(pos.float(), torch.ones_like(pos, dtype=torch.float), reduction="none")
-        per_target = per_target + bce(
+        losses = bce(pos.float(), torch.ones_like(pos, dtype=torch.float), reduction="none")
+        losses = losses + bce(
             neg_logits.float(), torch.zeros_like(neg_logits, dtype=torch.float), reduction="none"
         ).mean(1)
     else:
@@ -308,11 +308,11 @@ def softmax_loss(
         neg_logits = neg_logits.masked_fill(hits, float("-inf"))
         logits = torch.cat([pos.unsqueeze(1), neg_logits], dim=1)
         labels = torch.zeros(len(t), dtype=torch.long, device=h.device)
-        per_target = smoothed_cross_entropy(logits, labels, label_smoothing)
+        losses = smoothed_cross_entropy(logits, labels, label_smoothing)
     if weight_loss and batch.target_weights is not None:
         w = batch.target_weights[sel].float()
-        return (per_target * w).sum() / w.sum().clamp(min=1e-6)
-    return per_target.mean()
+        return (losses * w).sum() / w.sum().clamp(min=1e-6)
+    return losses.mean()
 
 
 def smoothed_cross_entropy(
