@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -79,6 +80,19 @@ VARIANTS: dict[str, list[str]] = {
     ],
     "best_ema_per_target256": [*BEST_EMA, "train.negatives_per=target"],
     "best_ema_seed7": [*BEST_EMA, "train.seed=7"],
+    "best_ema_adv1.0": [*BEST_EMA, "train.adversarial_eps=1.0"],
+    "best_ema_adv2.0": [*BEST_EMA, "train.adversarial_eps=2.0"],
+    "best_ema_adv4.0": [*BEST_EMA, "train.adversarial_eps=4.0"],
+    "best_ema_adv8.0": [*BEST_EMA, "train.adversarial_eps=8.0"],
+    "best_ema_adv4.0_seed7": [*BEST_EMA, "train.adversarial_eps=4.0", "train.seed=7"],
+    "best_ema_adv1.0_hidden128_dropout0.5": [
+        *BEST_EMA,
+        "train.adversarial_eps=1.0",
+        "model.hidden=128",
+        "model.dropout=0.5",
+    ],
+    "best_ema_crop0.3": [*BEST_EMA, "train.augment.crop_prob=0.3"],
+    "best_ema_reorder0.2": [*BEST_EMA, "train.augment.reorder_prob=0.2"],
     "best_ema_hidden128_dropout0.5": [
         *BEST_EMA,
         "model.hidden=128",
@@ -144,6 +158,8 @@ def main() -> None:
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s): {', '.join(unknown)} (see --list)")
+    # train_model logs one line per epoch; a variant takes 15 to 35 minutes here
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     out = ROOT / "benchmarks" / "results" / "games_ablation.jsonl"
     for name in args.variants:
         line = run_variant(name, args.threads)
