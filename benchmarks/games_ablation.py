@@ -86,6 +86,11 @@ VARIANTS: dict[str, list[str]] = {
     "best_ema_adv4.0_seed7": [*BEST_EMA, "train.adversarial_eps=4.0", "train.seed=7"],
     "best_ema_adv8.0_seed7": [*BEST_EMA, "train.adversarial_eps=8.0", "train.seed=7"],
     "best_ema_adv8.0_dropout0.5": [*BEST_EMA, "train.adversarial_eps=8.0", "model.dropout=0.5"],
+    "best_ema_adv8.0_crop0.3": [
+        *BEST_EMA,
+        "train.adversarial_eps=8.0",
+        "train.augment.crop_prob=0.3",
+    ],
     "best_ema_adv8.0_reorder0.2": [
         *BEST_EMA,
         "train.adversarial_eps=8.0",
