@@ -34,6 +34,7 @@ DECAY = ["train.lr_decay_factor=0.3", "train.lr_decay_patience=2", "train.patien
 BEST = [*SSE, "train.negatives=256", *DECAY]  # the best of the levers measured one at a time
 BEST_EMA = [*BEST, "train.ema_decay=0.999"]  # BEST with the moving average that helped
 FGM_EPS = ("1.0", "2.0", "4.0", "8.0", "16.0", "32.0")
+BEST_FGM = [*BEST_EMA, "train.adversarial_eps=8.0"]  # the best FGM step; later rounds build on it
 
 VARIANTS: dict[str, list[str]] = {
     "base": [],
@@ -84,18 +85,10 @@ VARIANTS: dict[str, list[str]] = {
     # FGM step sizes (the L2 norm of the step on the item-embedding table)
     **{f"best_ema_adv{eps}": [*BEST_EMA, f"train.adversarial_eps={eps}"] for eps in FGM_EPS},
     "best_ema_adv4.0_seed7": [*BEST_EMA, "train.adversarial_eps=4.0", "train.seed=7"],
-    "best_ema_adv8.0_seed7": [*BEST_EMA, "train.adversarial_eps=8.0", "train.seed=7"],
-    "best_ema_adv8.0_dropout0.5": [*BEST_EMA, "train.adversarial_eps=8.0", "model.dropout=0.5"],
-    "best_ema_adv8.0_crop0.3": [
-        *BEST_EMA,
-        "train.adversarial_eps=8.0",
-        "train.augment.crop_prob=0.3",
-    ],
-    "best_ema_adv8.0_reorder0.2": [
-        *BEST_EMA,
-        "train.adversarial_eps=8.0",
-        "train.augment.reorder_prob=0.2",
-    ],
+    "best_ema_adv8.0_seed7": [*BEST_FGM, "train.seed=7"],
+    "best_ema_adv8.0_dropout0.5": [*BEST_FGM, "model.dropout=0.5"],
+    "best_ema_adv8.0_crop0.3": [*BEST_FGM, "train.augment.crop_prob=0.3"],
+    "best_ema_adv8.0_reorder0.2": [*BEST_FGM, "train.augment.reorder_prob=0.2"],
     "best_ema_adv1.0_hidden128_dropout0.5": [
         *BEST_EMA,
         "train.adversarial_eps=1.0",
