@@ -17,17 +17,18 @@ minute to the last; every feedback event sent is in the log exactly once.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
 import signal
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
-import httpx
 import psutil
 import pytest
 import yaml
@@ -35,64 +36,14 @@ import yaml
 from pipelines.registry import CHALLENGER, CHAMPION, aliases
 from pipelines.rollout import GatewayClient, RolloutFailed
 from tests.integration.test_rollout import TOKEN, platform  # noqa: F401  (the fixture)
+from tests.reliability.loadgen import per_window
 
 pytestmark = pytest.mark.timeout(1800)
 
 RATE = 100  # requests per second, open loop
 SOAK_S = float(os.environ.get("ATTNFLOW_SOAK_S", "150"))
+REPO = Path(__file__).resolve().parents[2]
 WARMUP_S = 10  # not judged for memory: first requests fill caches and pools
-
-
-class OpenLoop:
-    """Send RATE requests/s on a fixed schedule, whatever the answers take; keep outcomes."""
-
-    def per_window(self, seconds: float = 10.0) -> list[int]:
-        """Requests really sent in each full window of `seconds`."""
-        n = int(self.seconds // seconds)
-        counts = [0] * n
-        for t in self.sent_at:
-            if int(t // seconds) < n:
-                counts[int(t // seconds)] += 1
-        return counts
-
-    def __init__(self, url: str, users: list[str], seconds: float):
-        self.url, self.users, self.seconds = url, users, seconds
-        self.outcomes: list[tuple[float, str, str, object]] = []  # (t, kind, user, status)
-        self.feedback_ids: list[str] = []
-        self.started = 0.0
-        self.sent_at: list[float] = []  # when each request really left, s from the start
-
-    async def _one(self, http: httpx.AsyncClient, i: int, t: float) -> None:
-        self.sent_at.append(time.monotonic() - self.started)
-        user = self.users[i % len(self.users)]
-        try:
-            if i % 10 == 9:
-                eid = f"soak-{i}"
-                self.feedback_ids.append(eid)
-                body = {
-                    "events": [{"user_id": user, "item_id": "1", "event": "click", "event_id": eid}]
-                }
-                r = await http.post(f"{self.url}/feedback", json=body)
-                kind = "feedback"
-            else:
-                r = await http.post(f"{self.url}/recommend", json={"user_id": user, "k": 10})
-                kind = "recommend"
-            self.outcomes.append((t, kind, user, r.status_code))
-        except httpx.HTTPError as exc:
-            self.outcomes.append((t, "error", user, type(exc).__name__))
-
-    async def run(self) -> None:
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-        async with httpx.AsyncClient(timeout=10, limits=limits) as http:
-            self.started = time.monotonic()
-            tasks, n = [], int(self.seconds * RATE)
-            for i in range(n):
-                due = self.started + i / RATE
-                delay = due - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(self._one(http, i, due - self.started)))
-            await asyncio.gather(*tasks)
 
 
 class RssSampler(threading.Thread):
@@ -138,7 +89,7 @@ def _serving_pids(stack, mlflow_url: str) -> dict[str, int]:
     return pids
 
 
-def test_soak_at_100_rps_through_a_rollout_whose_challenger_is_killed(platform):  # noqa: F811
+def test_soak_at_100_rps_through_a_rollout_whose_challenger_is_killed(platform, request):  # noqa: F811
     from flows.rollout import rollout
 
     root, stack = platform["root"], platform["stack"]
@@ -152,10 +103,29 @@ def test_soak_at_100_rps_through_a_rollout_whose_challenger_is_killed(platform):
     already = feedback_log.read_text().count("\n") if feedback_log.exists() else 0
 
     sampler = RssSampler(_serving_pids(stack, platform["mlflow"]))
-    load = OpenLoop(stack.gateway_url(), users, SOAK_S)
-    loader = threading.Thread(target=lambda: asyncio.run(load.run()), daemon=True)
+    users_file, report_file = root / "soak-users.json", root / "soak-report.json"
+    users_file.write_text(json.dumps(users))
     sampler.start()
-    loader.start()
+    # the generator runs in its own process: see tests/reliability/loadgen.py for why
+    loader = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.reliability.loadgen",
+            stack.gateway_url(),
+            str(users_file),
+            str(SOAK_S),
+            str(RATE),
+            str(report_file),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    request.addfinalizer(lambda: loader.poll() is None and loader.kill())
+    first = loader.stdout.readline().split()
+    assert first[:1] == ["started"], f"the load generator did not start: {first}"
+    load_started = float(first[1])
 
     outcome: dict[str, object] = {}
 
@@ -177,13 +147,19 @@ def test_soak_at_100_rps_through_a_rollout_whose_challenger_is_killed(platform):
             proc = psutil.Process(challenger["pid"])
             for p in [proc, *proc.children(recursive=True)]:
                 p.send_signal(signal.SIGKILL)
-            killed_at = time.monotonic() - load.started
+            killed_at = time.time() - load_started
             break
         time.sleep(0.2)
     roller.join(timeout=300)
-    loader.join(timeout=SOAK_S + 120)
-    sampler.stop.set()
-    assert not loader.is_alive(), "the load generator did not finish"
+    try:
+        loader.wait(timeout=SOAK_S + 120)
+    except subprocess.TimeoutExpired:
+        loader.kill()
+        pytest.fail("the load generator did not finish")
+    finally:
+        sampler.stop.set()
+    assert loader.returncode == 0, f"the load generator exited with {loader.returncode}"
+    load = json.loads(report_file.read_text())
 
     # the challenger died halfway: rolled back, aliases as they were
     assert killed_at is not None, "the rollout never reached 25 %"
@@ -192,13 +168,13 @@ def test_soak_at_100_rps_through_a_rollout_whose_challenger_is_killed(platform):
     assert stack.served()[CHAMPION]["version"] == before[CHAMPION]
 
     # no request failed: not one error for anyone, champion users included
-    statuses = Counter((kind, status) for _, kind, _, status in load.outcomes)
+    statuses = Counter((kind, status) for _, kind, _, status in load["outcomes"])
     sent = int(SOAK_S * RATE)
-    assert len(load.outcomes) == sent
-    failed = [o for o in load.outcomes if o[3] != 200]
+    assert len(load["outcomes"]) == sent
+    failed = [o for o in load["outcomes"] if o[3] != 200]
     assert not failed, (statuses, failed[:10])
     # steady: every 10 s window carried 100 requests/s, within 5 %
-    windows = load.per_window(10.0)
+    windows = per_window(load["sent_at"], SOAK_S, 10.0)
     assert all(abs(c - 10 * RATE) <= 0.05 * 10 * RATE for c in windows), windows
 
     # memory: first minute (after warm-up) against the last minute
@@ -213,8 +189,8 @@ def test_soak_at_100_rps_through_a_rollout_whose_challenger_is_killed(platform):
         if line.strip()
     ]
     counts = Counter(ids)
-    assert set(load.feedback_ids) <= set(counts), set(load.feedback_ids) - set(counts)
-    assert all(counts[i] == 1 for i in load.feedback_ids), [i for i in counts if counts[i] > 1]
+    assert set(load["feedback_ids"]) <= set(counts), set(load["feedback_ids"]) - set(counts)
+    assert all(counts[i] == 1 for i in load["feedback_ids"]), [i for i in counts if counts[i] > 1]
     print(
         f"soak: {sent} requests in {SOAK_S:.0f} s, 0 failed; challenger killed at "
         f"{killed_at:.0f} s; RSS growth { ({k: round(v, 3) for k, v in growth.items()}) }"
