@@ -89,6 +89,7 @@ VARIANTS: dict[str, list[str]] = {
     "best_ema_adv8.0_dropout0.5": [*BEST_FGM, "model.dropout=0.5"],
     "best_ema_adv8.0_crop0.3": [*BEST_FGM, "train.augment.crop_prob=0.3"],
     "best_ema_adv8.0_reorder0.2": [*BEST_FGM, "train.augment.reorder_prob=0.2"],
+    "best_ema_adv8.0_lr0.002": [*BEST_FGM, "train.lr=0.002"],
     "best_ema_adv1.0_hidden128_dropout0.5": [
         *BEST_EMA,
         "train.adversarial_eps=1.0",
