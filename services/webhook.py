@@ -6,9 +6,11 @@ POST /webhook accepts MLflow registry deliveries signed with `ATTNFLOW_WEBHOOK_S
 (verified, fresh, never replayed: see `pipelines.webhooks`). A `challenger` or
 `champion` alias set on the attnflow model starts the rollout of that version:
 through the Prefect `rollout` deployment when a Prefect API is configured
-(`PREFECT_API_URL`), otherwise as a background `attnflow rollout` process. It answers
-202 at once; the rollout runs on its own (and refuses to start while another runs;
-the reconciler retries then). Anything unverifiable gets 401/400 and starts nothing.
+(`PREFECT_API_URL`), otherwise as a background `attnflow rollout` process. A `champion`
+set on the version the local stack already serves (the echo of a rollout's own
+promotion) starts nothing. It answers 202 at once; the rollout runs on its own (and
+refuses to start while another runs; the reconciler retries then). Anything
+unverifiable gets 401/400 and starts nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from starlette.routing import Route
 
 from pipelines.registry import CHALLENGER, CHAMPION, model_name, state_dir
 from pipelines.webhooks import SECRET_ENV, ReplayGuard, WebhookRejected, alias_event, verify
+from services.stack import Stack
 
 log = logging.getLogger("attnflow.webhook")
 
@@ -67,6 +70,16 @@ def trigger_rollout(version: str, actor: str) -> str:
     return f"process {proc.pid}"
 
 
+def _served_champion() -> str | None:
+    """The version the local stack serves as champion, or None (no stack, or unreadable)."""
+    try:
+        champion = Stack(ROOT).served().get(CHAMPION)
+    except (OSError, ValueError, KeyError) as exc:  # unreadable state: never skip on a guess
+        log.warning("stack state under %s unreadable (%s); treating as no champion", ROOT, exc)
+        return None
+    return None if champion is None else str(champion["version"])
+
+
 async def _capped_body(request: Request, limit: int) -> bytes | None:
     """The request body, or None once it is over `limit` bytes.
 
@@ -102,6 +115,15 @@ async def receive(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ignored"}, status_code=202)
     if event.alias not in (CHALLENGER, CHAMPION) or event.version is None:
         return JSONResponse({"status": "ignored", "alias": event.alias}, status_code=202)
+    if event.alias == CHAMPION and _served_champion() == event.version:
+        # The echo of a promotion: the rollout swaps the served champion before it moves
+        # the alias, so a rollout started now would only find nothing to do.
+        log.info(
+            "alias %s -> v%s: already the served champion, ignored", event.alias, event.version
+        )
+        return JSONResponse(
+            {"status": "ignored", "reason": "already the served champion"}, status_code=202
+        )
     started = trigger_rollout(event.version, f"webhook ({event.alias} set in MLflow)")
     log.info("alias %s -> v%s: rollout started (%s)", event.alias, event.version, started)
     return JSONResponse(

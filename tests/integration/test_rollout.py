@@ -393,6 +393,13 @@ def test_alias_moved_through_the_mlflow_rest_api_starts_a_rollout(platform):
             m.actor for m in read_history(root) if m.alias == CHAMPION and m.version == version
         ]
         assert actors and "webhook" in actors[-1]
+        # The promotion's own champion move is delivered too; the receiver starts nothing.
+        echo = f"alias champion -> v{version}: already the served champion, ignored"
+        deadline = time.monotonic() + 30
+        while echo not in receiver.log_tail(200):
+            assert time.monotonic() < deadline, receiver.log_tail(20)
+            time.sleep(0.5)
+        assert receiver.log_tail(200).count(f"-> v{version}: rollout started") == 1
     finally:
         receiver.stop()
 
