@@ -187,6 +187,8 @@ def _run_retrain(clone: Path) -> object:
     return run
 
 
+# PostgreSQL, moto, both servers and two retrains: about 4.5 minutes on 2 cores.
+@pytest.mark.slow
 def test_retrain_deployment_on_postgres_and_s3_serves_then_rolls_out(scaled):
     from pipelines.registry import CHAMPION, get_alias, read_history
 

@@ -89,6 +89,8 @@ def _serving_pids(stack, mlflow_url: str) -> dict[str, int]:
     return pids
 
 
+# 150 s of load plus a platform start: about 3.5 minutes; `make test-slow` runs it.
+@pytest.mark.slow
 def test_soak_at_100_rps_through_a_rollout_whose_challenger_is_killed(platform, request):  # noqa: F811
     from flows.rollout import rollout
 

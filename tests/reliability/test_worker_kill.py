@@ -76,6 +76,8 @@ def _checkpoint_epoch(clone: Path) -> int | None:
         return None
 
 
+# Two retrains through the deployment, one killed mid-train: about 4 minutes on 2 cores.
+@pytest.mark.slow
 def test_worker_killed_mid_train_then_rerun_completes_from_persisted_results(platform):
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
