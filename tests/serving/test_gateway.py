@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import time
@@ -21,16 +22,15 @@ def users(models) -> list[str]:
     return load_extra(models.trained, "users")[:200]
 
 
-@pytest.fixture(scope="module")
-def gateway(services, admin_token, tmp_path_factory):
-    """A gateway over champion + random-weights challenger, weight 0 at the start."""
+@contextlib.contextmanager
+def _running_gateway(services, admin_token, challenger: str, weight: int, overrides: list[str]):
+    """A gateway process over the champion and `challenger`, stopped on exit."""
     handle = start_gateway(
         services.champion.url,
-        services.challenger.url,
-        weight=0,
+        challenger,
+        weight=weight,
         admin_token=admin_token,
-        # short probes and a timeout well under the slow service's delay
-        overrides=["serve.health_interval_s=0.1", f"serve.upstream_timeout_s={SLOW_MS / 3000}"],
+        overrides=overrides,
         log_dir=services.log_dir,
     )
     try:
@@ -38,6 +38,16 @@ def gateway(services, admin_token, tmp_path_factory):
         yield handle
     finally:
         handle.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(services, admin_token):
+    """A gateway over champion + random-weights challenger, weight 0 at the start."""
+    # Short probes, and a timeout under the slow service's delay (2/3 of it, so that
+    # 8 concurrent answers from the champion fit on a busy CI machine).
+    overrides = ["serve.health_interval_s=0.1", f"serve.upstream_timeout_s={SLOW_MS / 1500}"]
+    with _running_gateway(services, admin_token, services.challenger.url, 0, overrides) as h:
+        yield h
 
 
 @pytest.fixture
@@ -286,23 +296,13 @@ def test_readyz_follows_the_champion(gateway, admin, services):
 def default_timeout_gateway(services, admin_token):
     """A gateway over champion + victim at 50%, with the default upstream timeout.
 
-    The module's gateway times out at SLOW_MS / 3 for the slow-service test; under the
-    failover burst on a busy 2-core CI machine the champion alone can take that long,
-    and a champion timeout is not what the kill test is about.
+    The module's gateway times out below the slow service's delay for the slow-service
+    test; under the failover burst on a busy 2-core CI machine the champion alone has
+    taken over 0.5 s, and a champion timeout is not what the kill test is about.
     """
-    handle = start_gateway(
-        services.champion.url,
-        services.victim.url,
-        weight=50,
-        admin_token=admin_token,
-        overrides=["serve.health_interval_s=0.1"],
-        log_dir=services.log_dir,
-    )
-    try:
-        _wait(lambda: HTTP.get(handle.url + "/readyz").status_code == 200)
-        yield handle
-    finally:
-        handle.stop()
+    overrides = ["serve.health_interval_s=0.1"]
+    with _running_gateway(services, admin_token, services.victim.url, 50, overrides) as h:
+        yield h
 
 
 def test_a_killed_challenger_costs_no_request(
