@@ -24,7 +24,9 @@ import yaml
 
 from tests.conftest import copy_repo, restored_environ, small_stack_params
 
-pytestmark = pytest.mark.timeout(1500)
+# One sequence on one stack: the drift test builds on the champion and the data the
+# worker-kill test leaves behind. About 5 minutes on 2 cores; `make test-slow` runs it.
+pytestmark = [pytest.mark.timeout(1500), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +78,6 @@ def _checkpoint_epoch(clone: Path) -> int | None:
         return None
 
 
-# Two retrains through the deployment, one killed mid-train: about 4 minutes on 2 cores.
-@pytest.mark.slow
 def test_worker_killed_mid_train_then_rerun_completes_from_persisted_results(platform):
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
