@@ -23,6 +23,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_SERVICE = "services.model_service:ModelService"
+
+
+PORT_TAKEN = "Address already in use"  # in a service's log when its port was not free
 
 
 class LaunchError(AttnflowError):
@@ -273,22 +277,55 @@ def start_model_service(
     process) if it exits, reports that its model cannot be served, or is not ready
     within `timeout` seconds.
     """
-    port = port or free_port(host)
     extra = {"ATTNFLOW_MODEL_SOURCE": str(source), "ATTNFLOW_VARIANT": variant}
     if feedback_log is not None:
         extra["ATTNFLOW_FEEDBACK_LOG"] = str(feedback_log)
     if overrides:
         extra["ATTNFLOW_SET"] = ";".join(overrides)
     extra.update(env or {})
-    cmd = [sys.executable, "-m", "bentoml", "serve", MODEL_SERVICE, "--host", host]
-    cmd += ["--port", str(port)]
-    handle = spawn(f"model-{variant}", cmd, port, host, extra, log_dir)
+
+    def launch(port: int) -> Handle:
+        cmd = [sys.executable, "-m", "bentoml", "serve", MODEL_SERVICE, "--host", host]
+        cmd += ["--port", str(port)]
+        return spawn(f"model-{variant}", cmd, port, host, extra, log_dir)
+
+    chosen = port is None
+    handle = launch(port or free_port(host))
     if wait:
         try:
-            wait_ready(handle, timeout)
+            if chosen:
+                handle = wait_ready_or_relaunch(handle, lambda: launch(free_port(host)), timeout)
+            else:
+                wait_ready(handle, timeout)
         except BaseException:
             handle.stop()
             raise
+    return handle
+
+
+def wait_ready_or_relaunch(
+    handle: Handle, relaunch: Callable[[], Handle], timeout: float = 120.0, tries: int = 3
+) -> Handle:
+    """`wait_ready`; when the service's port was taken before it bound, `relaunch()`.
+
+    `free_port` releases the port it found, so a process starting at the same moment
+    (another model service, or the sockets BentoML's process manager binds) can take it
+    first. Only a port picked that way should be given up, so callers that were handed
+    a port use `wait_ready`. Returns the handle that became ready.
+    """
+    for _ in range(tries - 1):
+        try:
+            wait_ready(handle, timeout)
+            return handle
+        except LaunchError as exc:
+            if PORT_TAKEN not in str(exc):
+                raise
+            log.warning(
+                "%s: port %d was taken before it bound; relaunching", handle.name, handle.port
+            )
+            handle.stop()
+            handle = relaunch()
+    wait_ready(handle, timeout)
     return handle
 
 

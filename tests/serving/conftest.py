@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from pipelines.config import SyntheticConfig
 from pipelines.model import load_arrays, load_extra, save_model
 from pipelines.sequences import SplitData, load_split
 from pipelines.train import build_encoder, export_model, train_model
-from services.launch import Handle, start_model_service, stop_all, wait_ready
+from services.launch import Handle, start_model_service, stop_all, wait_ready_or_relaunch
 from tests.model.conftest import make_split, small_config
 
 SLOW_MS = 1500  # the slow service's injected delay; tests give the gateway a shorter timeout
@@ -108,6 +109,7 @@ def services(models, tmp_path_factory) -> Services:
     link.symlink_to(real)
     env = {"BENTOML_HOME": str(root / "bentoml")}
     handles: list[Handle] = []
+    again: dict[int, Callable[[], Handle]] = {}  # port -> start that service again
     try:
 
         def start(source: Path, variant: str, log: Path, extra: dict[str, str]) -> Handle:
@@ -120,6 +122,7 @@ def services(models, tmp_path_factory) -> Services:
                 wait=False,
             )
             handles.append(h)
+            again[h.port] = lambda: start(source, variant, log, extra)
             return h
 
         champion = start(models.trained, "champion", link / "events.jsonl", {})
@@ -132,8 +135,11 @@ def services(models, tmp_path_factory) -> Services:
             {"ATTNFLOW_TEST_DELAY_MS": str(SLOW_MS)},
         )
         victim = start(models.random, "challenger", root / "victim.jsonl", {})
-        for h in (champion, challenger, slow, victim):
-            wait_ready(h, timeout=180)
+        champion, challenger, slow, victim = (
+            # a port free when picked can be taken by a neighbour starting at the same time
+            wait_ready_or_relaunch(h, again[h.port], timeout=180)
+            for h in (champion, challenger, slow, victim)
+        )
         yield Services(champion, challenger, broken, slow, victim, link, real, log_dir)
     finally:
         stop_all(handles)

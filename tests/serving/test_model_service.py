@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 
 import aiohttp
@@ -11,7 +12,7 @@ import httpx
 import pytest
 
 from pipelines.inference import ServedModel, UnknownUser
-from services.launch import LaunchError, start_model_service
+from services.launch import PORT_TAKEN, LaunchError, start_model_service, wait_ready_or_relaunch
 from services.model_service import (
     FeedbackResponse,
     RecommendResponse,
@@ -288,3 +289,29 @@ def test_a_model_that_cannot_load_fails_the_launch_fast_with_the_reason(tmp_path
             timeout=120,
         )
     assert time.monotonic() - started < 60
+
+
+def test_a_service_whose_port_was_taken_starts_again_on_another(models, tmp_path):
+    """A port that another process took before the service bound it: relaunched, not failed."""
+    env = {"BENTOML_HOME": str(tmp_path / "bentoml")}
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        first = start_model_service(
+            models.trained, port=taken, log_dir=tmp_path, env=env, wait=False
+        )
+        handle = None
+        try:
+            handle = wait_ready_or_relaunch(
+                first,
+                lambda: start_model_service(models.trained, log_dir=tmp_path, env=env, wait=False),
+                timeout=180,
+            )
+            assert handle.port != taken and not first.alive()
+            assert PORT_TAKEN in first.log_tail(80)
+            assert HTTP.get(handle.url + "/readyz").status_code == 200
+        finally:
+            first.stop()
+            if handle is not None:
+                handle.stop()
