@@ -311,22 +311,27 @@ def wait_ready_or_relaunch(
     `free_port` releases the port it found, so a process starting at the same moment
     (another model service, or the sockets BentoML's process manager binds) can take it
     first. Only a port picked that way should be given up, so callers that were handed
-    a port use `wait_ready`. Returns the handle that became ready.
+    a port use `wait_ready`. Returns the handle that became ready; on failure, the last
+    one launched is stopped.
     """
-    for _ in range(tries - 1):
-        try:
-            wait_ready(handle, timeout)
-            return handle
-        except LaunchError as exc:
-            if PORT_TAKEN not in str(exc):
-                raise
+    try:
+        for _ in range(tries - 1):
+            try:
+                wait_ready(handle, timeout)
+                return handle
+            except LaunchError as exc:
+                if PORT_TAKEN not in str(exc):
+                    raise
             log.warning(
                 "%s: port %d was taken before it bound; relaunching", handle.name, handle.port
             )
             handle.stop()
             handle = relaunch()
-    wait_ready(handle, timeout)
-    return handle
+        wait_ready(handle, timeout)
+        return handle
+    except BaseException:
+        handle.stop()
+        raise
 
 
 def wait_ready(handle: Handle, timeout: float = 120.0, model_service: bool = True) -> None:
