@@ -289,17 +289,16 @@ def start_model_service(
         cmd += ["--port", str(port)]
         return spawn(f"model-{variant}", cmd, port, host, extra, log_dir)
 
-    chosen = port is None
     handle = launch(port or free_port(host))
-    if wait:
-        try:
-            if chosen:
-                handle = wait_ready_or_relaunch(handle, lambda: launch(free_port(host)), timeout)
-            else:
-                wait_ready(handle, timeout)
-        except BaseException:
-            handle.stop()
-            raise
+    if not wait:
+        return handle
+    if port is None:  # a port we picked may be taken by a neighbour: relaunch on another
+        return wait_ready_or_relaunch(handle, lambda: launch(free_port(host)), timeout)
+    try:
+        wait_ready(handle, timeout)
+    except BaseException:
+        handle.stop()
+        raise
     return handle
 
 
