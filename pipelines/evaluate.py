@@ -24,7 +24,8 @@ from pipelines.sequences import Batch, Sequences, SplitData, history_batch
 
 log = logging.getLogger(__name__)
 
-ScoreFn = Callable[[Batch], torch.Tensor]
+ScoreFn = Callable[[Batch], torch.Tensor]  # (B, n_items + 1) scores of every known item
+CandidateFn = Callable[[Batch, torch.Tensor], torch.Tensor]  # items (B, C) -> scores (B, C)
 
 
 @dataclass
@@ -74,27 +75,46 @@ def evaluate_scores(
     users: np.ndarray | None = None,
     batch_size: int = 256,
     full: bool = True,
+    candidate_fn: CandidateFn | None = None,
 ) -> EvalResult:
-    """Rank each user's target with `score_fn` (full ranking and/or sampled negatives)."""
+    """Rank each user's target with `score_fn` (full ranking and/or sampled negatives).
+
+    `candidate_fn`, when given, scores only the target and its sampled negatives; it is
+    used when there is no full ranking to compute (the sampled-only validation).
+    """
     seqs, targets = split_targets(data, which)
     users = np.arange(seqs.n_users) if users is None else np.asarray(users)
-    r_full, r_sampled = [], []
-    for start in range(0, len(users), batch_size):
-        chunk = users[start : start + batch_size]
+    n = len(users)
+    ranks_full = np.zeros(n, dtype=np.int64)
+    ranks_sampled = np.zeros(n, dtype=np.int64)
+    only_candidates = not full and negatives is not None and candidate_fn is not None
+    # Users in order of history length: a batch is padded to its own longest history, so
+    # on sparse data (most histories a few events long) few positions are padding.
+    # Ranks go back to `users`' order.
+    order = np.argsort(seqs.lengths()[users], kind="stable")
+    for start in range(0, n, batch_size):
+        rows = order[start : start + batch_size]
+        chunk = users[rows]
         batch = history_batch(seqs, chunk, max_len, weight_buckets_n, mask_token)
-        scores = score_fn(batch)[:, : data.n_items + 1].cpu()
         t = torch.from_numpy(targets[chunk])
+        if only_candidates:
+            cand = torch.cat([t.unsqueeze(1), torch.from_numpy(negatives[chunk])], dim=1)
+            s = candidate_fn(batch, cand).cpu()  # (B, 1 + K): the target first
+            ranks_sampled[rows] = (s[:, 1:] >= s[:, :1]).sum(1).numpy()
+            continue
+        scores = score_fn(batch)[:, : data.n_items + 1].cpu()
         if full:
-            r_full.append(target_ranks(scores, t, _full_history(seqs, chunk)).numpy())
+            ranks_full[rows] = target_ranks(scores, t, _full_history(seqs, chunk)).numpy()
         if negatives is not None:
-            r_sampled.append(sampled_ranks(scores, t, torch.from_numpy(negatives[chunk])).numpy())
+            neg = torch.from_numpy(negatives[chunk])
+            ranks_sampled[rows] = sampled_ranks(scores, t, neg).numpy()
     result = EvalResult(users=users)
     if full:
-        result.ranks_full = np.concatenate(r_full)
-        result.full = metrics_from_ranks(result.ranks_full, ks)
+        result.ranks_full = ranks_full
+        result.full = metrics_from_ranks(ranks_full, ks)
     if negatives is not None:
-        result.ranks_sampled = np.concatenate(r_sampled)
-        result.sampled = metrics_from_ranks(result.ranks_sampled, ks)
+        result.ranks_sampled = ranks_sampled
+        result.sampled = metrics_from_ranks(ranks_sampled, ks)
     return result
 
 

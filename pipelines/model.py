@@ -388,6 +388,17 @@ class Recommender:
         return scores.float()
 
     @torch.inference_mode()
+    def score_items(self, batch: Batch, items: torch.Tensor) -> torch.Tensor:
+        """(B, C) scores of the given items (B, C) only: a few candidates per history."""
+        items = items.to(self.device)
+        vecs = self.item_table()[items]  # (B, C, d)
+        scores = (vecs @ self.query(batch).unsqueeze(-1)).squeeze(-1)  # (B, C)
+        bias = self.encoder.bias()
+        if torch.is_tensor(bias):
+            scores = scores + bias[items]
+        return scores.float()
+
+    @torch.inference_mode()
     def recommend(
         self, batch: Batch, k: int = 10, exclude_seen: bool = True, catalog: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:

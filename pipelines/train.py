@@ -223,6 +223,7 @@ def validate(
         negatives=negatives,
         users=users,
         full=cfg.train.early_stop_protocol == "full" or negatives is None,
+        candidate_fn=rec.score_items,
     )
     encoder.train(was_training)
     out = {f"valid_{k}": v for k, v in result.full.items() if k.endswith("@10")}

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pipelines.baselines import MostPopular
-from pipelines.evaluate import evaluate_scores
+from pipelines.evaluate import evaluate_scores, negatives_for
+from pipelines.metrics import sampled_ranks, target_ranks
 from pipelines.model import (
     AttnFlowEncoder,
     ModelSpec,
@@ -129,6 +130,38 @@ def test_beats_most_popular_on_a_planted_sequential_pattern(synth_split):
     popular = evaluate_scores(MostPopular(data.train, data.n_items).score, **args)
     assert model.full["ndcg@10"] > 2 * popular.full["ndcg@10"], (model.full, popular.full)
     assert model.full["hr@10"] > 0.5
+
+
+def test_evaluation_ranks_are_each_users_own_whatever_the_batching(synth_split):
+    """Evaluation batches users by history length and may score only the sampled
+    candidates; every user's ranks must be those of scoring that user alone."""
+    data = load_split(synth_split)
+    rec = Recommender(train_model(small_config(**{"train.epochs": 2}), data).encoder)
+    users = np.random.default_rng(3).permutation(data.history_valid.n_users)[:120]
+    negatives = negatives_for(data, "valid", 30, seed=1)
+    args = dict(data=data, which="valid", ks=[10], max_len=20, weight_buckets_n=8)
+    both = evaluate_scores(rec.score, **args, negatives=negatives, users=users, batch_size=16)
+    cands = evaluate_scores(
+        rec.score,
+        **args,
+        negatives=negatives,
+        users=users,
+        full=False,
+        candidate_fn=rec.score_items,
+    )
+    seqs, targets = data.history_valid, data.valid_items
+    full, sampled = [], []
+    for u in users:
+        scores = rec.score(history_batch(seqs, np.array([u]), 20, 8))
+        t = torch.tensor([targets[u]])
+        seen = torch.from_numpy(seqs.items[seqs.user(int(u))]).unsqueeze(0)
+        full.append(int(target_ranks(scores, t, seen)[0]))
+        sampled.append(int(sampled_ranks(scores, t, torch.from_numpy(negatives[[u]]))[0]))
+    np.testing.assert_array_equal(both.users, users)
+    np.testing.assert_array_equal(both.ranks_full, full)
+    np.testing.assert_array_equal(both.ranks_sampled, sampled)
+    np.testing.assert_array_equal(cands.ranks_sampled, sampled)
+    assert cands.ranks_full is None and len(set(full)) > 10  # real, varied ranks
 
 
 def test_augmentation_and_adversarial_training_run_and_learn(synth_split):
