@@ -121,25 +121,35 @@ def evaluate_scores(
 def segments(
     result: EvalResult, data: SplitData, which: str, cfg: EvaluateConfig, metric: str = "ndcg@10"
 ) -> dict[str, dict[str, float]]:
-    """Full-ranking metrics by history length bucket and by how cold the target item is."""
+    """Metrics by history length bucket and by how cold the target item is.
+
+    Full-ranking HR@10 / NDCG@10 per segment, and the sampled protocol's beside them
+    (`sampled_hr@10`, ...) when `result` has sampled ranks. "unseen target" is the part
+    of the cold segment that training never saw: an id-only model cannot rank those.
+    """
     seqs, targets = split_targets(data, which)
     lengths = seqs.lengths()[result.users]
     train_counts = np.bincount(data.train.items, minlength=data.n_catalog + 2)
-    cold = train_counts[targets[result.users]] <= cfg.cold_item_max_train
+    seen = train_counts[targets[result.users]]
     edges = [0, *cfg.history_buckets, np.inf]
-    out: dict[str, dict[str, float]] = {}
-    ranks = result.ranks_full
+    groups: list[tuple[str, np.ndarray]] = []
     for lo, hi in itertools.pairwise(edges):
-        sel = (lengths > lo) & (lengths <= hi)
         label = f"history {int(lo) + 1}-{int(hi)}" if np.isfinite(hi) else f"history >{int(lo)}"
-        if sel.any():
-            out[label] = {"users": int(sel.sum()), **_pick(metrics_from_ranks(ranks[sel], cfg.ks))}
-    for label, sel in (
-        (f"cold target (<= {cfg.cold_item_max_train} in train)", cold),
-        ("warm target", ~cold),
-    ):
-        if sel.any():
-            out[label] = {"users": int(sel.sum()), **_pick(metrics_from_ranks(ranks[sel], cfg.ks))}
+        groups.append((label, (lengths > lo) & (lengths <= hi)))
+    groups += [
+        (f"cold target (<= {cfg.cold_item_max_train} in train)", seen <= cfg.cold_item_max_train),
+        ("unseen target (0 in train)", seen == 0),
+        ("warm target", seen > cfg.cold_item_max_train),
+    ]
+    out: dict[str, dict[str, float]] = {}
+    for label, sel in groups:
+        if not sel.any():
+            continue
+        row = {"users": int(sel.sum()), **_pick(metrics_from_ranks(result.ranks_full[sel], cfg.ks))}
+        if result.ranks_sampled is not None:
+            sampled = _pick(metrics_from_ranks(result.ranks_sampled[sel], cfg.ks))
+            row.update({f"sampled_{k}": v for k, v in sampled.items()})
+        out[label] = row
     return out
 
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import itertools
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from pipelines.baselines import MostPopular
-from pipelines.evaluate import evaluate_scores, negatives_for
+from pipelines.config import EvaluateConfig
+from pipelines.evaluate import EvalResult, evaluate_scores, negatives_for, segments
 from pipelines.metrics import sampled_ranks, target_ranks
 from pipelines.model import (
     AttnFlowEncoder,
@@ -162,6 +164,30 @@ def test_evaluation_ranks_are_each_users_own_whatever_the_batching(synth_split):
     np.testing.assert_array_equal(both.ranks_sampled, sampled)
     np.testing.assert_array_equal(cands.ranks_sampled, sampled)
     assert cands.ranks_full is None and len(set(full)) > 10  # real, varied ranks
+
+
+def test_segments_split_out_unseen_targets_and_report_both_protocols():
+    train = _seqs([[1, 2, 3], [2, 3, 4, 5], [1, 2]])  # item 1 twice, item 2 three times
+    data = SimpleNamespace(
+        history_test=train, test_items=np.array([9, 1, 2]), train=train, n_catalog=10
+    )
+    result = EvalResult(
+        users=np.arange(3), ranks_full=np.array([50, 0, 3]), ranks_sampled=np.array([90, 0, 1])
+    )
+    cfg = EvaluateConfig(ks=[10], history_buckets=[2], cold_item_max_train=2)
+    seg = segments(result, data, "test", cfg)
+    zero = {"hr@10": 0.0, "ndcg@10": 0.0, "sampled_hr@10": 0.0, "sampled_ndcg@10": 0.0}
+    assert seg["unseen target (0 in train)"] == {"users": 1, **zero}  # item 9
+    cold = seg["cold target (<= 2 in train)"]  # items 9 and 1
+    assert (cold["users"], cold["hr@10"], cold["sampled_hr@10"]) == (2, 0.5, 0.5)
+    assert seg["warm target"] == {
+        "users": 1,
+        "hr@10": 1.0,
+        "ndcg@10": round(1 / np.log2(5), 5),
+        "sampled_hr@10": 1.0,
+        "sampled_ndcg@10": round(1 / np.log2(3), 5),
+    }
+    assert (seg["history 1-2"]["users"], seg["history >2"]["users"]) == (1, 2)
 
 
 def test_augmentation_and_adversarial_training_run_and_learn(synth_split):
