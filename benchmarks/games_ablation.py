@@ -35,6 +35,7 @@ BEST = [*SSE, "train.negatives=256", *DECAY]  # the best of the levers measured 
 BEST_EMA = [*BEST, "train.ema_decay=0.999"]  # BEST with the moving average that helped
 FGM_EPS = ("1.0", "2.0", "4.0", "8.0", "16.0", "32.0")
 BEST_FGM = [*BEST_EMA, "train.adversarial_eps=8.0"]  # the best FGM step; later rounds build on it
+BEST_FGM_R = [*BEST_FGM, "train.augment.reorder_prob=0.2"]  # the best run so far
 
 VARIANTS: dict[str, list[str]] = {
     "base": [],
@@ -96,6 +97,8 @@ VARIANTS: dict[str, list[str]] = {
         "model.hidden=128",
         "model.dropout=0.5",
     ],
+    "best_fgm_reorder_hidden128": [*BEST_FGM_R, "model.hidden=128"],
+    "best_fgm_reorder_stop_hr": [*BEST_FGM_R, "train.early_stop_metric=hr@10"],
     "best_ema_crop0.3": [*BEST_EMA, "train.augment.crop_prob=0.3"],
     "best_ema_reorder0.2": [*BEST_EMA, "train.augment.reorder_prob=0.2"],
     "best_ema_hidden128_dropout0.5": [
@@ -142,7 +145,7 @@ def run_variant(name: str, threads: int) -> dict:
         "threads": threads,
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,
-        "valid_sampled_ndcg@10": round(result.best_metric, 4),
+        f"valid_sampled_{cfg.train.early_stop_metric}": round(result.best_metric, 4),
         "train_seconds": round(result.train_seconds, 1),
         "wall_seconds": round(time.perf_counter() - t0, 1),
         "test_sampled": {k: round(v, 4) for k, v in report.sampled.items() if k.endswith("@10")},
