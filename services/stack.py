@@ -472,7 +472,13 @@ class LocalStack(Stack):
                 0,
                 # Prefect polls every 10 s by default: up to 10 s of idle wait before a
                 # triggered retrain starts; one small query every 2 s costs nothing here.
-                env={"PREFECT_WORKER_QUERY_SECONDS": "2", **env},
+                # Deployments that set their own command (prefect.yaml: `nice ... python -m
+                # prefect.engine`) find this environment's interpreter first.
+                env={
+                    "PREFECT_WORKER_QUERY_SECONDS": "2",
+                    **env,
+                    "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+                },
             )
         if not self._running("webhook"):
             progress("starting the MLflow webhook receiver")

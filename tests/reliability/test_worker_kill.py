@@ -169,3 +169,78 @@ def test_drift_check_starts_a_retrain_through_the_event_trigger(platform):
         from prefect.states import Cancelled
 
         client.set_flow_run_state(started[0].id, Cancelled(), force=True)
+
+
+def test_reconcile_deployment_hands_a_lost_challenger_to_the_rollout_deployment(platform):
+    """The webhook is lost (its receiver is down): the `reconcile` deployment, run at the
+    lowest CPU priority, finds the unserved `challenger` and starts a run of the `rollout`
+    deployment (normal priority, started by the worker), which promotes it."""
+    import os
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.deployments import run_deployment
+
+    from pipelines import train
+    from pipelines.config import load_config
+    from pipelines.model import load_extra
+    from pipelines.registry import CHALLENGER, CHAMPION, get_alias, lineage_tags, register
+    from pipelines.tracking import client as mlflow_client
+    from services.stack import prefect_api
+
+    clone, stack = platform["clone"], platform["stack"]
+    receiver = psutil.Process(stack.component("webhook")["pid"])
+    receiver.terminate()
+    receiver.wait(30)
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["rollout"].update(
+        steps=[50, 100],
+        bake_s=3,
+        min_requests=5,
+        replay_rps=25,
+        replay_requests=20,
+        min_agreement=0.0,
+        min_feedback=0,
+        p99_slack_ms=200,
+    )
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    trained = train.run(
+        load_config(clone / "params.yaml", ["train.epochs=3", "train.seed=5"]), clone
+    )
+    lineage = load_extra(clone / "models/attnflow", "lineage")
+    version = register(
+        trained["model_uri"], trained["mlflow_run_id"], lineage_tags(lineage, None), clone
+    )
+    mlflow_client(clone).set_registered_model_alias("attnflow", CHALLENGER, version)
+    assert stack.served()[CHAMPION]["version"] != version  # nobody heard the move
+
+    with prefect_api(), get_client(sync_client=True) as client:
+        rollouts = DeploymentFilter(name=DeploymentFilterName(any_=["rollout"]))
+        before = {r.id for r in client.read_flow_runs(deployment_filter=rollouts)}
+        check = run_deployment("reconcile/reconcile", parameters={"root": str(clone)})
+        assert check.state.is_completed(), f"{check.state.name}: {check.state.message}"
+        # This run or a scheduled one (every minute) hands the rollout over; the other
+        # finds it queued and defers. Flow runs print their log to the worker's log (the
+        # tests keep them off the API).
+        plan = f"rollout (challenger alias set on v{version}; CPU niceness 19)"
+        handed = f"v{version}: rollout handed to flow run"
+        text, deadline = "", time.monotonic() + 90
+        while not (plan in text and handed in text) and time.monotonic() < deadline:
+            time.sleep(1)
+            text = "".join(p.read_text() for p in stack.run_dir.glob("worker-cpu*.log"))
+        assert plan in text and handed in text, text[-3000:]
+        deadline, started = time.monotonic() + 600, []
+        while time.monotonic() < deadline:
+            started = [
+                r for r in client.read_flow_runs(deployment_filter=rollouts) if r.id not in before
+            ]
+            if started and started[0].state.is_final():
+                break
+            time.sleep(2)
+    assert len(started) == 1, started
+    run = started[0]
+    assert run.parameters == {"version": version, "root": str(clone), "actor": "reconciler"}
+    assert run.state.is_completed(), f"{run.state.name}: {run.state.message}"
+    assert get_alias(CHAMPION, root=clone) == version
+    assert stack.served()[CHAMPION]["version"] == version
+    assert os.nice(0) == 0  # the test process itself was never lowered
