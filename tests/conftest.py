@@ -146,6 +146,18 @@ def pytest_sessionfinish(session, exitstatus):
             server.stop()
 
 
+# A canary quick enough for tests: two short steps, replayed traffic, no feedback needed
+# (each test adds its own agreement and latency tolerances).
+QUICK_ROLLOUT = {
+    "steps": [50, 100],
+    "bake_s": 3,
+    "min_requests": 5,
+    "replay_rps": 25,
+    "replay_requests": 20,
+    "min_feedback": 0,
+}
+
+
 def small_stack_params(clone: Path, **train) -> dict:
     """params.yaml of `clone` set for a small local stack: synthetic data, a tiny model,
     free ports for every server; `train` overrides the train section. Not written yet."""

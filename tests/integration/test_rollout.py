@@ -36,7 +36,7 @@ from pipelines.registry import (
 from pipelines.rollout import RolloutBusy, RolloutFailed, rollout_holder, rollout_lock
 from services.launch import free_port, spawn
 from services.stack import MLFLOW_WEBHOOK_ENV, LocalStack, register_webhook
-from tests.conftest import REPO, spawn_mlflow, venv_env
+from tests.conftest import QUICK_ROLLOUT, REPO, spawn_mlflow, venv_env
 from tests.model.conftest import make_split
 
 pytestmark = pytest.mark.timeout(1200)
@@ -99,15 +99,7 @@ def platform(tmp_path_factory):
         gateway_port=gateway_port, webhook_port=webhook_port, mlflow_port=mlflow_port
     )
     params["rollout"].update(
-        steps=[50, 100],
-        bake_s=3,
-        min_requests=5,
-        replay_rps=25,
-        replay_requests=20,
-        min_agreement=0.15,
-        min_feedback=0,
-        max_p99_ratio=1.5,
-        p99_slack_ms=60,
+        **QUICK_ROLLOUT, min_agreement=0.15, max_p99_ratio=1.5, p99_slack_ms=60
     )
     params["ingest"]["dataset"] = "synthetic"
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

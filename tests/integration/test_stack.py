@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from services.launch import free_port, spawn
-from tests.conftest import copy_repo, restored_environ, small_stack_params
+from tests.conftest import QUICK_ROLLOUT, copy_repo, restored_environ, small_stack_params
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 pytestmark = pytest.mark.timeout(1800)
@@ -105,16 +105,7 @@ def scaled(tmp_path_factory, mirror):
 
     clone = copy_repo(tmp_path_factory.mktemp("scaled"))
     params = small_stack_params(clone, epochs=3, lr=0.005, patience=10)
-    params["rollout"].update(
-        steps=[50, 100],
-        bake_s=3,
-        min_requests=5,
-        replay_rps=25,
-        replay_requests=20,
-        min_agreement=0.1,
-        min_feedback=0,
-        p99_slack_ms=60,
-    )
+    params["rollout"].update(**QUICK_ROLLOUT, min_agreement=0.1, p99_slack_ms=60)
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     pg = Postgres()

@@ -22,7 +22,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import copy_repo, restored_environ, small_stack_params
+from tests.conftest import QUICK_ROLLOUT, copy_repo, restored_environ, small_stack_params
 
 # One sequence on one stack: the drift test builds on the champion and the data the
 # worker-kill test leaves behind. About 5 minutes on 2 cores; `make test-slow` runs it.
@@ -193,16 +193,7 @@ def test_reconcile_deployment_hands_a_lost_challenger_to_the_rollout_deployment(
     receiver.terminate()
     receiver.wait(30)
     params = yaml.safe_load((clone / "params.yaml").read_text())
-    params["rollout"].update(
-        steps=[50, 100],
-        bake_s=3,
-        min_requests=5,
-        replay_rps=25,
-        replay_requests=20,
-        min_agreement=0.0,
-        min_feedback=0,
-        p99_slack_ms=200,
-    )
+    params["rollout"].update(**QUICK_ROLLOUT, min_agreement=0.0, p99_slack_ms=200)
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     trained = train.run(
         load_config(clone / "params.yaml", ["train.epochs=3", "train.seed=5"]), clone
