@@ -1,14 +1,20 @@
 """The retrain flow: the dvc.yaml stages as Prefect tasks, then register, gate and roll out.
 
-The DAG is written once, in `dvc.yaml`; this flow reads it and runs each stage with
-`dvc repro --single-item`, so DVC decides what is up to date: a retrain that failed
-at a late stage resumes there when run again, because the earlier stages are
-skipped as unchanged (and registration is idempotent per training run). Prefect adds
+The DAG is written once, in `dvc.yaml`; this flow reads it and has DVC reproduce each
+stage on its own (`dvc repro --single-item`), so DVC decides what is up to date: a
+retrain that failed at a late stage resumes there when run again, because the
+earlier stages are skipped as unchanged (and registration is idempotent per training run). Prefect adds
 retries with backoff on transient errors, logs, the UI and a global concurrency
 limit (`dvc-repo`, limit 1) so two flows never touch the DVC repository at once: a
 retrain holds it across its whole DAG and the data push, so another flow's stages
 never interleave with its own (and one acquisition costs about 2 s of Prefect's
 lease bookkeeping, paid once rather than per stage).
+
+Warm stages (the default): DVC's Python API decides, restores and records each stage
+in this flow's process, and an `attnflow <stage>` command runs as the function it
+calls, so torch, transformers, MLflow and DVC are imported once per flow run instead
+of once per stage (`warm=False`: one `dvc repro` process per stage, as on the command
+line).
 
 The `train` stage goes to the `gpu` work pool when a worker is online there (the
 `train-gpu` deployment) and runs here, on the `cpu` pool's worker, otherwise; the
@@ -30,7 +36,7 @@ from prefect import flow, get_run_logger, task
 from prefect.runtime import task_run
 
 from pipelines.errors import TransientError
-from pipelines.versioning import load_dag, repro_stage
+from pipelines.versioning import load_dag, repro_in_process, repro_stage
 
 DVC_LIMIT = "dvc-repo"
 # The slot is a lease the holder keeps renewing: a flow run killed with its worker
@@ -67,12 +73,13 @@ def _dvc_slot():
     retry_condition_fn=retry_on_transient,
     tags=["dvc"],
 )
-def dvc_stage(name: str, root: str) -> dict[str, Any]:
+def dvc_stage(name: str, root: str, warm: bool = True) -> dict[str, Any]:
     """Reproduce one dvc.yaml stage (skipped by DVC when nothing it depends on changed).
 
+    `warm`: in this process when the stage's command allows it (see the module doc).
     The caller holds the `dvc-repo` slot.
     """
-    result = repro_stage(name, Path(root))
+    result = (repro_in_process(name, Path(root)) if warm else None) or repro_stage(name, Path(root))
     result["attempts"] = task_run.run_count
     get_run_logger().info(
         "stage %s %s in %.1fs",
@@ -93,7 +100,7 @@ def gpus_here() -> int:
 
 
 @flow(name="train-stage")
-def train_stage(root: str = ".", slot_held: bool = False) -> dict[str, Any]:
+def train_stage(root: str = ".", slot_held: bool = False, warm: bool = True) -> dict[str, Any]:
     """The train stage alone: what the `train-gpu` deployment runs on a gpu worker.
 
     With more than one GPU the stage runs under torchrun, one DDP process per GPU.
@@ -107,7 +114,7 @@ def train_stage(root: str = ".", slot_held: bool = False) -> dict[str, Any]:
 
             get_run_logger().info("train stage: DDP over %d GPUs (torchrun)", gpus)
             return repro_distributed("train", Path(root), gpus)
-        return dvc_stage("train", root)
+        return dvc_stage("train", root, warm)
 
 
 def gpu_worker_online() -> bool:
@@ -124,20 +131,22 @@ def gpu_worker_online() -> bool:
     return any(str(getattr(w, "status", "")).upper().endswith("ONLINE") for w in workers)
 
 
-def run_train(root: str) -> dict[str, Any]:
+def run_train(root: str, warm: bool = True) -> dict[str, Any]:
     """Route the train stage: the gpu pool when a worker is online there, else here."""
     log = get_run_logger()
     if gpu_worker_online():
         from prefect.deployments import run_deployment
 
         log.info("train stage -> gpu work pool (a gpu worker is online)")
-        run = run_deployment("train-stage/train-gpu", parameters={"root": root, "slot_held": True})
+        run = run_deployment(
+            "train-stage/train-gpu", parameters={"root": root, "slot_held": True, "warm": warm}
+        )
         if not run.state.is_completed():
             raise RuntimeError(f"train on the gpu pool ended {run.state.name}")
         result = run.state.result()
         return {**result, "pool": "gpu"}
     log.info("train stage -> cpu (no gpu worker online)")
-    return {**dvc_stage("train", root), "pool": "cpu"}
+    return {**dvc_stage("train", root, warm), "pool": "cpu"}
 
 
 @task(name="register", retries=2, retry_delay_seconds=[5, 20])
@@ -219,8 +228,12 @@ def retrain(
     data_since: str | None = None,
     reason: str | None = None,
     deploy: bool = True,
+    warm: bool = True,
 ) -> dict[str, Any]:
-    """Run the dvc.yaml stages (all, or only `stages`); then register, gate, serve, roll out."""
+    """Run the dvc.yaml stages (all, or only `stages`); then register, gate, serve, roll out.
+
+    `warm`: run the stages in this process (see the module doc); False: `dvc repro`.
+    """
     log = get_run_logger()
     root_path = Path(root).resolve()
     if reason:
@@ -233,9 +246,9 @@ def retrain(
     with _dvc_slot():
         for stage in selected:
             if stage.name == "train":
-                results.append(run_train(str(root_path)))
+                results.append(run_train(str(root_path), warm))
             else:
-                results.append(dvc_stage(stage.name, str(root_path)))
+                results.append(dvc_stage(stage.name, str(root_path), warm))
         pushed = push_data(str(root_path)) if push else None
     out: dict[str, Any] = {"stages": results}
     if not push:

@@ -8,6 +8,7 @@ becomes a `TransientError` that the orchestrator retries.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,6 +144,91 @@ def repro_stage(name: str, root: Path) -> dict[str, Any]:
     proc = dvc(["repro", "--single-item", name], root)
     skipped = "didn't change, skipping" in proc.stdout or "is cached" in proc.stdout
     return {"stage": name, "ran": not skipped, "seconds": round(time.perf_counter() - started, 3)}
+
+
+# The dvc.yaml commands the flows may run in their own process instead of a new one.
+IN_PROCESS_COMMANDS = {
+    f"attnflow {name}": name for name in ("ingest", "validate", "split", "train", "evaluate")
+}
+
+
+def in_process_runner(cmd: str, root: Path) -> Callable[[], Any] | None:
+    """What `cmd` runs, as a call in this process (None: `cmd` is not one of ours).
+
+    `attnflow <stage>` is `pipelines.<stage>.run` on params.yaml, so running that
+    function here gives the stage's outputs without a new interpreter that imports
+    torch, transformers and MLflow again.
+    """
+    name = IN_PROCESS_COMMANDS.get(" ".join(cmd.split()))
+    if name is None:
+        return None
+
+    def run() -> Any:
+        import importlib
+
+        from pipelines.config import load_config
+
+        module = importlib.import_module(f"pipelines.{name}")
+        return module.run(load_config(root / "params.yaml"), root)
+
+    return run
+
+
+def repro_in_process(name: str, root: Path) -> dict[str, Any] | None:
+    """`repro_stage`, with the stage's command run in this process (warm imports).
+
+    DVC decides as `dvc repro --single-item` does: an unchanged stage is skipped, a
+    run with the same deps and params is restored from DVC's run cache, and otherwise
+    the outputs are removed, the command runs (here, as a function call) and the
+    outputs are saved, cached and written to dvc.lock. The DVC repository lock is
+    released while the command runs, as DVC does for a command's process. Returns
+    None when the stage's command cannot run in-process (the caller runs `dvc repro`).
+    """
+    from dvc.lock import LockError
+    from dvc.repo import Repo
+    from dvc.stage.cache import RunCacheNotFoundError
+
+    root = Path(root).resolve()
+    started = time.perf_counter()
+    ran = restored = False
+    try:
+        # DVC resolves a stage's paths against the working directory, as its command line
+        # does, and a stage's command runs in the repository root: both need the chdir.
+        with _DVC_LOCK, contextlib.chdir(root), Repo(".") as repo:
+            with repo.lock:
+                stage = next(iter(repo.stage.collect(name)))
+                runner = in_process_runner(stage.cmd or "", root)
+                if runner is None or stage.frozen:
+                    return None
+                changed = stage.changed()
+                if changed:
+                    stage.remove_outs(ignore_remove=False, force=False)
+                    try:
+                        repo.stage_cache.restore(stage)
+                        restored = True
+                    except RunCacheNotFoundError:
+                        stage.save_deps()
+            if changed and not restored:
+                runner()
+                ran = True
+            if ran or restored:
+                # as `dvc repro`: no run-cache entry for a stage with an uncached output
+                uncached = any(
+                    not out.use_cache for out in stage.outs if not (out.is_metric or out.is_plot)
+                )
+                with repo.lock:
+                    stage.save(run_cache=not uncached)
+                    stage.commit()
+                    stage.dump(update_pipeline=False)
+    except LockError as exc:
+        raise TransientError(f"dvc repro {name}: the DVC repository is locked; {exc}") from exc
+    return {
+        "stage": name,
+        "ran": ran,
+        "restored": restored,
+        "seconds": round(time.perf_counter() - started, 3),
+        "in_process": True,
+    }
 
 
 def configure_remote(root: Path) -> str:

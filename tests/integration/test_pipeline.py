@@ -77,12 +77,46 @@ def test_retrain_flow_runs_the_dvc_dag_and_retries_a_held_lock(clone):
     result = retrain(root=str(clone))
     by_stage = {s["stage"]: s for s in result["stages"]}
     assert [s["stage"] for s in result["stages"]] == STAGES
-    assert by_stage["ingest"]["attempts"] == 2  # failed on the lock, retried
+    assert all(s["in_process"] for s in result["stages"])  # warm: no process per stage
+    assert by_stage["ingest"]["attempts"] >= 2  # failed on the lock, retried
     assert not by_stage["ingest"]["ran"] and not by_stage["validate"]["ran"]
     assert by_stage["split"]["ran"] and by_stage["split"]["attempts"] == 1
     assert by_stage["train"]["ran"] and by_stage["evaluate"]["ran"]
     assert time.monotonic() - started > 5
     assert json.loads((clone / "reports/split.json").read_text())["n_items"] < 3657
+    # DVC's own view agrees with what the flow recorded in-process
+    assert "up to date" in dvc("status", cwd=clone).stdout
+    warm_lock = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
+
+    # the same stages through `dvc repro` processes write the same dvc.lock
+    forced = dvc("repro", "--force", "--single-item", "split", cwd=clone)
+    assert forced.returncode == 0, forced.stderr
+    assert yaml.safe_load((clone / "dvc.lock").read_text())["stages"]["split"] == warm_lock["split"]
+
+    # back to the earlier split: DVC restores split, train and evaluate from its run cache
+    params["split"]["min_item_events"] = yaml.safe_load(
+        (Path(__file__).parents[2] / "params.yaml").read_text()
+    )["split"]["min_item_events"]
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    again = {s["stage"]: s for s in retrain(root=str(clone), deploy=False)["stages"]}
+    assert [again[s]["restored"] for s in ("split", "train", "evaluate")] == [True] * 3
+    assert not any(again[s]["ran"] for s in STAGES)
+    assert json.loads((clone / "reports/split.json").read_text())["n_items"] == 3657
+    assert "up to date" in dvc("status", cwd=clone).stdout
+
+
+def test_retrain_flow_can_run_each_stage_in_a_dvc_repro_process(clone):
+    """`warm=False`: the command-line path, one `dvc repro` process per stage."""
+    from flows.retrain import retrain
+
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["evaluate"]["seed"] = 7  # only evaluate is out of date
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = retrain(root=str(clone), warm=False, deploy=False)
+    by_stage = {s["stage"]: s for s in result["stages"]}
+    assert not any("in_process" in s for s in result["stages"])
+    assert by_stage["evaluate"]["ran"] and not by_stage["train"]["ran"]
+    assert "up to date" in dvc("status", cwd=clone).stdout
 
 
 def test_retrain_flow_stops_on_rejected_data(clone):
