@@ -94,6 +94,43 @@ def attnflow(root: Path, *args: str) -> float:
     return seconds
 
 
+def _seconds(run: dict) -> float | None:
+    from datetime import datetime
+
+    if not run.get("start_time") or not run.get("end_time"):
+        return None
+    start, end = (datetime.fromisoformat(run[k]) for k in ("start_time", "end_time"))
+    return round((end - start).total_seconds(), 1)
+
+
+def flow_breakdown(root: Path) -> dict[str, float | None]:
+    """Where the latest `retrain` flow run's time went, from the stack's Prefect server."""
+    from datetime import datetime
+
+    import httpx
+
+    from services.stack import LocalStack
+
+    api = LocalStack(root).urls()["prefect_api"]
+    runs = httpx.post(
+        f"{api}/flow_runs/filter",
+        json={"flows": {"name": {"any_": ["retrain"]}}, "sort": "START_TIME_DESC", "limit": 1},
+    ).json()
+    run = runs[0]
+    created, started = (datetime.fromisoformat(run[k]) for k in ("created", "start_time"))
+    out: dict[str, float | None] = {
+        "created to started": round((started - created).total_seconds(), 1),
+        "flow run": _seconds(run),
+    }
+    tasks = httpx.post(
+        f"{api}/task_runs/filter",
+        json={"flow_runs": {"id": {"any_": [run["id"]]}}, "sort": "EXPECTED_START_TIME_ASC"},
+    ).json()
+    for task in tasks:
+        out[task["name"]] = _seconds(task)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bake-s", type=float, default=5.0)
@@ -113,6 +150,7 @@ def main() -> None:
         first = attnflow(root, "retrain")
         set_params(root, train={"seed": 7})
         second = attnflow(root, "retrain")
+        breakdown = flow_breakdown(root)
         rerun = attnflow(root, "retrain")
         report = sorted((root / ".attnflow" / "rollouts").glob("*.json"))[-1]
         rollout = json.loads(report.read_text())
@@ -127,6 +165,7 @@ def main() -> None:
         "first_retrain_s (serve first champion)": round(first, 1),
         "second_retrain_s (with rollout)": round(second, 1),
         "train_stage_training_loop_s": train_report["train_seconds"],
+        "second_retrain_breakdown_s": breakdown,
         "rollout_status": rollout["status"],
         "rollout_bake_s": bake,
         "overhead_vs_bare_training": round((second - bare) / bare, 3),

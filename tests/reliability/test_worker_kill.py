@@ -105,7 +105,7 @@ def test_worker_killed_mid_train_then_rerun_completes_from_persisted_results(pla
     split = (clone / "reports/split.json").read_text()
     worker = stack.component("worker-cpu")
     killed = _kill_tree(worker["pid"])
-    assert len(killed) >= 3  # the worker, the flow run, and the stage under it
+    assert len(killed) >= 2  # the worker and the flow run (training runs inside it, warm)
     assert not (clone / "reports/train.json").exists()  # training had not finished
 
     with prefect_api(), get_client(sync_client=True) as client:
