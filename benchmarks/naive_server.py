@@ -16,7 +16,8 @@ import torch
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 
-from pipelines.inference import ServedModel, UnknownUser
+from pipelines.errors import UnknownUser
+from pipelines.inference import ServedModel
 
 STATE: dict[str, ServedModel] = {}
 

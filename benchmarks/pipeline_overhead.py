@@ -114,7 +114,13 @@ def flow_breakdown(root: Path) -> dict[str, float | None]:
     api = LocalStack(root).urls()["prefect_api"]
     runs = httpx.post(
         f"{api}/flow_runs/filter",
-        json={"flows": {"name": {"any_": ["retrain"]}}, "sort": "START_TIME_DESC", "limit": 1},
+        json={
+            "flows": {"name": {"any_": ["retrain"]}},
+            # the cron schedule keeps future runs queued: those have not started
+            "flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}},
+            "sort": "START_TIME_DESC",
+            "limit": 1,
+        },
     ).json()
     run = runs[0]
     created, started = (datetime.fromisoformat(run[k]) for k in ("created", "start_time"))

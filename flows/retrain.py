@@ -3,18 +3,18 @@
 The DAG is written once, in `dvc.yaml`; this flow reads it and has DVC reproduce each
 stage on its own (`dvc repro --single-item`), so DVC decides what is up to date: a
 retrain that failed at a late stage resumes there when run again, because the
-earlier stages are skipped as unchanged (and registration is idempotent per training run). Prefect adds
-retries with backoff on transient errors, logs, the UI and a global concurrency
-limit (`dvc-repo`, limit 1) so two flows never touch the DVC repository at once: a
-retrain holds it across its whole DAG and the data push, so another flow's stages
-never interleave with its own (and one acquisition costs about 2 s of Prefect's
-lease bookkeeping, paid once rather than per stage).
+earlier stages are skipped as unchanged (and registration is idempotent per training
+run). Prefect adds retries with backoff on transient errors, logs, the UI and a
+global concurrency limit (`dvc-repo`, limit 1) so two flows never touch the DVC
+repository at once: a retrain holds it across its whole DAG and the data push, so
+another flow's stages never interleave with its own (and one acquisition costs about
+2 s of Prefect's lease bookkeeping, paid once rather than per stage).
 
 Warm stages (the default): DVC's Python API decides, restores and records each stage
 in this flow's process, and an `attnflow <stage>` command runs as the function it
 calls, so torch, transformers, MLflow and DVC are imported once per flow run instead
-of once per stage (`warm=False`: one `dvc repro` process per stage, as on the command
-line).
+of once per stage; the data push goes through the same API (`warm=False`: one `dvc`
+process per stage and for the push, as on the command line).
 
 The `train` stage goes to the `gpu` work pool when a worker is online there (the
 `train-gpu` deployment) and runs here, on the `cpu` pool's worker, otherwise; the
@@ -26,6 +26,7 @@ is rolled out through the canary gateway when the serving stack is up.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -171,16 +172,17 @@ def register_task(root: str) -> dict[str, Any]:
 
 
 @task(name="push-data")
-def push_data(root: str) -> dict[str, Any]:
+def push_data(root: str, warm: bool = True) -> dict[str, Any]:
     """Push this data version to the DVC remote (a failure is reported, never fatal).
 
+    `warm`: through DVC's API in this process; else a `dvc push` process.
     The caller holds the `dvc-repo` slot.
     """
     from pipelines.errors import AttnflowError
-    from pipelines.versioning import data_command
+    from pipelines.versioning import data_command, push_in_process
 
     try:
-        out = data_command("push", Path(root))
+        out = push_in_process(Path(root)) if warm else data_command("push", Path(root))
     except AttnflowError as exc:
         get_run_logger().warning("data version not pushed: %s", exc)
         return {"pushed": False, "error": str(exc)}
@@ -235,6 +237,9 @@ def retrain(
     `warm`: run the stages in this process (see the module doc); False: `dvc repro`.
     """
     log = get_run_logger()
+    # The stages' own lines (data checks, epochs, gates) at INFO: a worker started with
+    # PREFECT_LOGGING_EXTRA_LOGGERS=pipelines (`attnflow up` does) puts them in this log.
+    logging.getLogger("pipelines").setLevel(logging.INFO)
     root_path = Path(root).resolve()
     if reason:
         log.info("retrain because: %s", reason)
@@ -249,7 +254,7 @@ def retrain(
                 results.append(run_train(str(root_path), warm))
             else:
                 results.append(dvc_stage(stage.name, str(root_path), warm))
-        pushed = push_data(str(root_path)) if push else None
+        pushed = push_data(str(root_path), warm) if push else None
     out: dict[str, Any] = {"stages": results}
     if not push:
         return out

@@ -41,6 +41,10 @@ class ValidationFailed(AttnflowError):
         self.docs = docs
 
 
+class UnknownUser(KeyError):
+    """The user id is not among the users the model knows (serving answers 404)."""
+
+
 class TransientError(AttnflowError):
     """A failure worth retrying (a lock held by another process, a network blip)."""
 

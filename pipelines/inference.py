@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipelines.errors import UnknownUser
 from pipelines.model import AttnFlowEncoder, Recommender, load_arrays, load_extra, load_model
 from pipelines.sequences import Batch, Sequences, history_batch
 
@@ -31,10 +32,6 @@ class Recommendation:
     scores: list[float]
     unknown_items: list[str] = field(default_factory=list)
     explanation: list[dict[str, Any]] | None = None
-
-
-class UnknownUser(KeyError):
-    """The user id is not among the users the model knows."""
 
 
 class ServedModel:

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,6 +174,19 @@ def in_process_runner(cmd: str, root: Path) -> Callable[[], Any] | None:
     return run
 
 
+@contextlib.contextmanager
+def _repo_here(root: Path) -> Iterator[Any]:
+    """DVC's `Repo` for `root`, under the process-wide DVC lock, with `root` as cwd.
+
+    DVC resolves a stage's paths against the working directory, as its command line
+    does, and a stage's command runs in the repository root: both need the chdir.
+    """
+    from dvc.repo import Repo
+
+    with _DVC_LOCK, contextlib.chdir(root), Repo(".") as repo:
+        yield repo
+
+
 def repro_in_process(name: str, root: Path) -> dict[str, Any] | None:
     """`repro_stage`, with the stage's command run in this process (warm imports).
 
@@ -185,16 +198,13 @@ def repro_in_process(name: str, root: Path) -> dict[str, Any] | None:
     None when the stage's command cannot run in-process (the caller runs `dvc repro`).
     """
     from dvc.lock import LockError
-    from dvc.repo import Repo
     from dvc.stage.cache import RunCacheNotFoundError
 
     root = Path(root).resolve()
     started = time.perf_counter()
     ran = restored = False
     try:
-        # DVC resolves a stage's paths against the working directory, as its command line
-        # does, and a stage's command runs in the repository root: both need the chdir.
-        with _DVC_LOCK, contextlib.chdir(root), Repo(".") as repo:
+        with _repo_here(root) as repo:
             with repo.lock:
                 stage = next(iter(repo.stage.collect(name)))
                 runner = in_process_runner(stage.cmd or "", root)
@@ -257,6 +267,24 @@ def data_command(action: str, root: Path) -> str:
         remote_text = (cloud.stdout or cloud.stderr).strip()
         return f"workspace: {local}\nremote: {remote_text}"
     raise DataError(f"unknown data action {action!r}: use push, pull or status")
+
+
+def push_in_process(root: Path) -> str:
+    """`dvc push` to the configured remote through DVC's API (no new interpreter)."""
+    from dvc.lock import LockError
+
+    remote = configure_remote(root)
+    try:
+        with _repo_here(Path(root).resolve()) as repo:
+            pushed = repo.push(remote=remote or None)
+    except LockError as exc:
+        raise TransientError(f"dvc push: the DVC repository is locked; {exc}") from exc
+    except Exception as exc:  # DVC's errors, and its remote client's (botocore, aiohttp)
+        text = f"{exc} {exc.__cause__ or ''}"
+        if any(sign in text for sign in _UNREACHABLE):
+            raise TransientError(f"dvc push: the DVC remote is unreachable; {exc}") from exc
+        raise AttnflowError(f"dvc push failed: {exc}") from exc
+    return f"{pushed} files pushed" if pushed else "nothing to push"
 
 
 def data_hash(root: Path, out: str = "data/split") -> str | None:

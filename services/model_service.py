@@ -52,7 +52,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import bentoml
 import orjson
@@ -60,10 +60,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.responses import Response
 
 from pipelines.config import ServeConfig, load_config
+from pipelines.errors import UnknownUser
 from pipelines.feedback import FeedbackEvent, FeedbackLog, FeedbackLogUnavailable
-from pipelines.inference import Recommendation, ServedModel, UnknownUser
 from pipelines.privacy import redact, user_ref
-from pipelines.sequences import Batch
+
+if TYPE_CHECKING:  # torch and the model load in the worker (ModelService.__init__) only:
+    # `bentoml serve` imports this module in its starter process too, before the worker
+    from pipelines.inference import ServedModel
 
 log = logging.getLogger("attnflow.serve")
 
@@ -316,6 +319,9 @@ def recommend_many(model: ServedModel, queries: list[RecQuery]) -> list[Any]:
     encoder masks out.
     """
     import torch
+
+    from pipelines.inference import Recommendation
+    from pipelines.sequences import Batch
 
     results: list[Any] = [None] * len(queries)
     rows: list[tuple[int, Batch, list[str]]] = []
@@ -600,6 +606,7 @@ class ModelService:
     def __init__(self) -> None:
         import torch
 
+        from pipelines.inference import ServedModel
         from pipelines.registry import fetch_model
 
         try:

@@ -473,9 +473,11 @@ class LocalStack(Stack):
                 # Prefect polls every 10 s by default: up to 10 s of idle wait before a
                 # triggered retrain starts; one small query every 2 s costs nothing here.
                 # Deployments that set their own command (prefect.yaml: `nice ... python -m
-                # prefect.engine`) find this environment's interpreter first.
+                # prefect.engine`) find this environment's interpreter first. The stages'
+                # own log lines (epochs, gates, rollout steps) go to the flow run's log too.
                 env={
                     "PREFECT_WORKER_QUERY_SECONDS": "2",
+                    "PREFECT_LOGGING_EXTRA_LOGGERS": "pipelines,services",
                     **env,
                     "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
                 },

@@ -78,6 +78,7 @@ def test_retrain_flow_runs_the_dvc_dag_and_retries_a_held_lock(clone):
     by_stage = {s["stage"]: s for s in result["stages"]}
     assert [s["stage"] for s in result["stages"]] == STAGES
     assert all(s["in_process"] for s in result["stages"])  # warm: no process per stage
+    assert result["data"]["pushed"]  # through DVC's API, to the default remote
     assert by_stage["ingest"]["attempts"] >= 2  # failed on the lock, retried
     assert not by_stage["ingest"]["ran"] and not by_stage["validate"]["ran"]
     assert by_stage["split"]["ran"] and by_stage["split"]["attempts"] == 1

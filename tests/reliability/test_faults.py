@@ -126,6 +126,31 @@ def test_push_to_an_unreachable_remote_fails_clearly_and_loses_nothing(data_clon
     )
 
 
+def test_warm_push_to_an_unreachable_remote_is_transient_and_loses_nothing(data_clone, monkeypatch):
+    """The retrain flow's push through DVC's API: the same closed endpoint is a
+    TransientError naming it (the flow reports it and carries on), data intact."""
+    from pipelines.errors import TransientError
+    from pipelines.versioning import push_in_process
+    from services.launch import free_port
+
+    root = data_clone
+    watched = (root / "data", root / ".dvc" / "cache")
+    before = _tree_digest(*watched)
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    for key, value in {
+        "ATTNFLOW_DVC_REMOTE": "s3://attnflow-faults/data",
+        "ATTNFLOW_S3_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "faults",
+        "AWS_SECRET_ACCESS_KEY": "faults-secret",
+        "AWS_MAX_ATTEMPTS": "2",
+    }.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(TransientError, match="remote is unreachable") as failed:
+        push_in_process(root)
+    assert endpoint in str(failed.value)
+    assert _tree_digest(*watched) == before
+
+
 def test_data_verify_names_a_corrupted_cache_object(data_clone):
     """A healthy cache passes; one flipped byte in a file inside `data/split` is named, exit 3."""
     root = data_clone

@@ -11,7 +11,8 @@ import aiohttp
 import httpx
 import pytest
 
-from pipelines.inference import ServedModel, UnknownUser
+from pipelines.errors import UnknownUser
+from pipelines.inference import ServedModel
 from services.launch import PORT_TAKEN, LaunchError, start_model_service, wait_ready_or_relaunch
 from services.model_service import (
     FeedbackResponse,
