@@ -99,8 +99,6 @@ VARIANTS: dict[str, list[str]] = {
     ],
     "best_fgm_reorder_hidden128": [*BEST_FGM_R, "model.hidden=128"],
     "best_fgm_reorder_stop_hr": [*BEST_FGM_R, "train.early_stop_metric=hr@10"],
-    "best_fgm_reorder_hidden128_dropout0.5": [*BEST_FGM_R, "model.hidden=128", "model.dropout=0.5"],
-    "best_fgm_reorder_batch64": [*BEST_FGM_R, "train.batch_size=64"],
     "best_ema_crop0.3": [*BEST_EMA, "train.augment.crop_prob=0.3"],
     "best_ema_reorder0.2": [*BEST_EMA, "train.augment.reorder_prob=0.2"],
     "best_ema_hidden128_dropout0.5": [
