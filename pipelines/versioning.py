@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 REMOTE_ENV = "ATTNFLOW_DVC_REMOTE"  # e.g. s3://bucket/attnflow; default: the local remote
 S3_ENDPOINT_ENV = "ATTNFLOW_S3_ENDPOINT_URL"
 ENV_REMOTE_NAME = "env"
-_DVC_LOCK = threading.Lock()
+_DVC_LOCK = threading.RLock()  # re-entrant: a warm stage may call DVC itself
 # How DVC's remotes (S3, HTTP, SSH) word a network failure.
 _UNREACHABLE = (
     "Could not connect to the endpoint URL",
