@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import yaml
@@ -99,8 +100,6 @@ def attnflow(root: Path, *args: str) -> float:
 
 
 def _seconds(run: dict) -> float | None:
-    from datetime import datetime
-
     if not run.get("start_time") or not run.get("end_time"):
         return None
     start, end = (datetime.fromisoformat(run[k]) for k in ("start_time", "end_time"))
@@ -109,8 +108,6 @@ def _seconds(run: dict) -> float | None:
 
 def flow_breakdown(root: Path) -> dict[str, float | None]:
     """Where the latest `retrain` flow run's time went, from the stack's Prefect server."""
-    from datetime import datetime
-
     import httpx
 
     from services.stack import LocalStack
