@@ -474,7 +474,7 @@ class LocalStack(Stack):
                 # triggered retrain starts; one small query every 2 s costs nothing here.
                 # Deployments that set their own command (prefect.yaml: `nice ... python -m
                 # prefect.engine`) find this environment's interpreter first. The stages'
-                # own log lines (epochs, gates, rollout steps) go to the flow run's log too.
+                # own log lines (data checks, epochs, gates) go to the flow run's log too.
                 env={
                     "PREFECT_WORKER_QUERY_SECONDS": "2",
                     "PREFECT_LOGGING_EXTRA_LOGGERS": "pipelines,services",
