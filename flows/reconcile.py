@@ -23,17 +23,14 @@ from prefect import flow, get_run_logger
 from prefect.runtime import deployment
 
 from pipelines.reconcile import plan
-from pipelines.registry import aliases, model_name
+from pipelines.registry import aliases, version_tags
 from pipelines.rollout import RolloutBusy, rollout_holder
 
 
 def _statuses(root: Path, versions: set[str]) -> dict[str, str]:
-    from pipelines.tracking import client
-
-    mlc = client(root)
     out = {}
     for v in versions:
-        tags = mlc.get_model_version(model_name(), v).tags
+        tags = version_tags(v, root=root)
         if "rollout.status" in tags:
             out[v] = tags["rollout.status"]
     return out

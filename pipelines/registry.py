@@ -333,15 +333,90 @@ def set_alias(
     return move
 
 
+def _server_url(root: Path) -> str | None:
+    """The tracking server's base URL when the tracking URI is one (else None)."""
+    from pipelines.tracking import tracking_uri
+
+    uri = tracking_uri(root)
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else None
+
+
+def _rest_get(base: str, endpoint: str, **params: str) -> dict[str, Any] | None:
+    """GET one MLflow REST endpoint; None when the resource does not exist.
+
+    For the reads that run every minute (the reconciler): `requests` against the
+    server costs milliseconds where importing `mlflow` for a client costs about 2 s
+    of CPU. Authentication and TLS follow MLflow's own environment variables.
+    """
+    import requests
+
+    headers, auth = {}, None
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
+    elif os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        auth = (
+            os.environ["MLFLOW_TRACKING_USERNAME"],
+            os.environ.get("MLFLOW_TRACKING_PASSWORD", ""),
+        )
+    verify: bool | str = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() != "true"
+    verify = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or verify
+    resp = requests.get(
+        f"{base}/api/2.0/mlflow/{endpoint}",
+        params=params,
+        headers=headers,
+        auth=auth,
+        verify=verify,
+        timeout=30,
+    )
+    if resp.status_code == 404 or (
+        resp.status_code == 400 and "RESOURCE_DOES_NOT_EXIST" in resp.text
+    ):
+        return None
+    if resp.status_code == 503:  # MLflow's TEMPORARILY_UNAVAILABLE: retried like a refusal
+        raise requests.exceptions.ConnectionError("TEMPORARILY_UNAVAILABLE")
+    resp.raise_for_status()
+    return resp.json()
+
+
 def aliases(name: str | None = None, root: Path = Path(".")) -> dict[str, str]:
     """Current aliases of the registered model: {alias: version}."""
+    name = name or model_name()
+    base = _server_url(root)
+    if base:
+        body = with_retries(
+            "get_registered_model",
+            lambda: _rest_get(base, "registered-models/get", name=name),
+            base,
+        )
+        found = (body or {}).get("registered_model", {}).get("aliases", [])
+        return {a["alias"]: str(a["version"]) for a in found}
     from mlflow.exceptions import MlflowException
 
     try:
-        rm = _client(root).get_registered_model(name or model_name())
+        rm = _client(root).get_registered_model(name)
     except MlflowException:
         return {}
     return {a: str(v) for a, v in (rm.aliases or {}).items()}
+
+
+def version_tags(version: str, name: str | None = None, root: Path = Path(".")) -> dict[str, str]:
+    """The tags of one model version ({} if it does not exist)."""
+    name = name or model_name()
+    base = _server_url(root)
+    if base:
+        body = with_retries(
+            "get_model_version",
+            lambda: _rest_get(base, "model-versions/get", name=name, version=str(version)),
+            base,
+        )
+        found = (body or {}).get("model_version", {}).get("tags", [])
+        return {t["key"]: t.get("value", "") for t in found}
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return dict(_client(root).get_model_version(name, str(version)).tags)
+    except MlflowException:
+        return {}
 
 
 def register(

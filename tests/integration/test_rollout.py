@@ -396,6 +396,24 @@ def test_alias_moved_through_the_mlflow_rest_api_starts_a_rollout(platform):
         receiver.stop()
 
 
+def test_registry_reads_over_rest_agree_with_the_mlflow_client(platform):
+    """The reconciler reads aliases and tags over REST; they must be what MLflow says."""
+    from mlflow import MlflowClient
+
+    from pipelines.registry import aliases, model_name, version_tags
+
+    root, mlc = platform["root"], MlflowClient(platform["mlflow"])
+    expected = {a: str(v) for a, v in mlc.get_registered_model(model_name()).aliases.items()}
+    assert CHAMPION in expected
+    assert aliases(root=root) == expected
+    for version in platform["versions"].values():
+        tags = version_tags(version, root=root)
+        assert "git_commit" in tags
+        assert tags == dict(mlc.get_model_version(model_name(), version).tags)
+    assert version_tags("9999", root=root) == {}
+    assert aliases("no-such-model", root=root) == {}
+
+
 def test_reconciler_catches_a_lost_webhook(platform):
     """No receiver is listening: the alias move is lost, and the reconcile flow catches it."""
     from flows.reconcile import reconcile
