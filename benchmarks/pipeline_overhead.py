@@ -138,6 +138,80 @@ def flow_breakdown(root: Path) -> dict[str, float | None]:
     return out
 
 
+class CpuSampler:
+    """CPU seconds each part of the stack used while a retrain ran (sampled every 0.5 s).
+
+    The parts: each stack component and its service processes, the model services, the
+    `retrain` flow run (the worker's child at normal priority, where training runs) and
+    the `reconcile`/`drift-check` runs (the worker's children at nice 19). A process
+    that exits between two samples loses its last half second; nothing else is lost.
+    """
+
+    def __init__(self, root: Path):
+        import threading
+
+        self.root = root
+        self.first: dict[int, float] = {}
+        self.last: dict[int, tuple[str, float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _parts(self) -> dict[int, str]:
+        import psutil
+
+        from services.launch import live_descendants
+        from services.stack import LocalStack
+
+        state = LocalStack(self.root).read()
+        tops = {rec["pid"]: name for name, rec in state["components"].items()}
+        tops.update({rec["pid"]: f"model:{role}" for role, rec in state["models"].items()})
+        out = {}
+        for pid, name in tops.items():
+            out[pid] = name
+            for child in live_descendants(pid):
+                part = name
+                if name.startswith("worker"):
+                    try:
+                        niced = psutil.Process(child).nice() > 0
+                    except psutil.Error:
+                        continue
+                    part = "niced runs (reconcile, drift-check)" if niced else "retrain flow run"
+                out[child] = part
+        return out
+
+    def _sample(self, baseline: bool) -> None:
+        import psutil
+
+        for pid, part in self._parts().items():
+            try:
+                t = psutil.Process(pid).cpu_times()
+            except psutil.Error:
+                continue
+            if pid not in self.first:  # a process seen first mid-run counts from its start
+                self.first[pid] = t.user + t.system if baseline else 0.0
+            self.last[pid] = (part, t.user + t.system)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            self._sample(baseline=False)
+
+    def __enter__(self) -> CpuSampler:
+        self._sample(baseline=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample(baseline=False)
+
+    def totals(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for pid, (part, cpu) in self.last.items():
+            out[part] = out.get(part, 0.0) + cpu - self.first[pid]
+        return {k: round(v, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bake-s", type=float, default=5.0)
@@ -156,7 +230,8 @@ def main() -> None:
     try:
         first = attnflow(root, "retrain")
         set_params(root, train={"seed": 7})
-        second = attnflow(root, "retrain")
+        with CpuSampler(root) as cpu:
+            second = attnflow(root, "retrain")
         breakdown = flow_breakdown(root)
         rerun = attnflow(root, "retrain")
         report = sorted((root / ".attnflow" / "rollouts").glob("*.json"))[-1]
@@ -174,6 +249,7 @@ def main() -> None:
         "bare_training_sgd_steps_s": round(bare_loop, 1),
         "train_stage_sgd_steps_s": train_report["train_seconds"],
         "second_retrain_breakdown_s": breakdown,
+        "second_retrain_cpu_s_by_process": cpu.totals(),
         "rollout_status": rollout["status"],
         "rollout_bake_s": bake,
         "overhead_vs_bare_training": round((second - bare) / bare, 3),
