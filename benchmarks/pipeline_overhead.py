@@ -139,76 +139,84 @@ def flow_breakdown(root: Path) -> dict[str, float | None]:
 
 
 class CpuSampler:
-    """CPU seconds each part of the stack used while a retrain ran (sampled every 0.5 s).
+    """CPU seconds each part of the stack used while a retrain ran.
 
-    The parts: each stack component and its service processes, the model services, the
-    `retrain` flow run (the worker's child at normal priority, where training runs) and
-    the `reconcile`/`drift-check` runs (the worker's children at nice 19). A process
-    that exits between two samples loses its last half second; nothing else is lost.
+    Each stack component and model service is measured at the start and the end: its
+    own CPU time, what its exited children used (the kernel adds that to the parent
+    once it reaps them) and its live descendants', stopping at another component. The
+    worker's share is split into the `retrain` flow run (its child at normal priority,
+    where training runs; last seen by a poll every `every` seconds, one `/proc` scan
+    each) and the niced runs (reconcile, drift-check): the rest.
     """
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, every: float = 2.0):
         import threading
 
-        self.root = root
-        self.first: dict[int, float] = {}
-        self.last: dict[int, tuple[str, float]] = {}
+        self.root, self.every = root, every
+        self.flow_runs: dict[int, float] = {}  # the worker's nice-0 children: last CPU seen
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread = threading.Thread(target=self._poll, daemon=True)
 
-    def _parts(self) -> dict[int, str]:
-        import psutil
-
-        from services.launch import live_descendants
+    def _tops(self) -> dict[int, str]:
         from services.stack import LocalStack
 
         state = LocalStack(self.root).read()
         tops = {rec["pid"]: name for name, rec in state["components"].items()}
-        tops.update({rec["pid"]: f"model:{role}" for role, rec in state["models"].items()})
-        out = {}
-        for pid, name in tops.items():
-            out[pid] = name
-            for child in live_descendants(pid):
-                part = name
-                if name.startswith("worker"):
-                    try:
-                        niced = psutil.Process(child).nice() > 0
-                    except psutil.Error:
-                        continue
-                    part = "niced runs (reconcile, drift-check)" if niced else "retrain flow run"
-                out[child] = part
-        return out
+        tops.update({r["pid"]: f"model v{r['version']}" for r in state["models"].values()})
+        return tops
 
-    def _sample(self, baseline: bool) -> None:
+    def _account(self) -> dict[str, float]:
+        """{part: cumulative CPU seconds} now, for every part of the stack."""
         import psutil
 
-        for pid, part in self._parts().items():
-            try:
-                t = psutil.Process(pid).cpu_times()
-            except psutil.Error:
-                continue
-            if pid not in self.first:  # a process seen first mid-run counts from its start
-                self.first[pid] = t.user + t.system if baseline else 0.0
-            self.last[pid] = (part, t.user + t.system)
+        procs: dict[int, tuple[int, float]] = {}  # pid -> (ppid, own + reaped children)
+        for p in psutil.process_iter(["ppid", "cpu_times"]):
+            t = p.info["cpu_times"]
+            if t is not None:
+                procs[p.pid] = (p.info["ppid"], sum(t[:4]))  # user, system, children's
+        tops = self._tops()
+        out = {name: 0.0 for name in tops.values()}
+        for pid, (_, cpu) in procs.items():
+            owner = pid
+            while owner not in tops and owner in procs and owner > 1:
+                owner = procs[owner][0]
+            if owner in tops:
+                out[tops[owner]] += cpu
+        return out
 
-    def _run(self) -> None:
-        while not self._stop.wait(0.5):
-            self._sample(baseline=False)
+    def _poll(self) -> None:
+        import psutil
+
+        worker = next(pid for pid, name in self._tops().items() if name.startswith("worker"))
+        while not self._stop.wait(self.every):
+            try:
+                children = psutil.Process(worker).children()
+            except psutil.Error:
+                return
+            for child in children:
+                try:
+                    if child.nice() == 0:
+                        self.flow_runs[child.pid] = sum(child.cpu_times()[:4])
+                except psutil.Error:
+                    continue
 
     def __enter__(self) -> CpuSampler:
-        self._sample(baseline=True)
+        self.start = self._account()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self._sample(baseline=False)
+        self.end = self._account()
 
     def totals(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for pid, (part, cpu) in self.last.items():
-            out[part] = out.get(part, 0.0) + cpu - self.first[pid]
+        out = {k: v - self.start.get(k, 0.0) for k, v in self.end.items()}
+        worker = next(k for k in out if k.startswith("worker"))
+        flow = sum(self.flow_runs.values())
+        out["retrain flow run"] = flow
+        niced = f"{worker}: niced runs (reconcile, drift-check) and the worker"
+        out[niced] = out.pop(worker) - flow
         return {k: round(v, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
 
