@@ -100,7 +100,6 @@ VARIANTS: dict[str, list[str]] = {
     "best_fgm_reorder_hidden128": [*BEST_FGM_R, "model.hidden=128"],
     "best_fgm_reorder_stop_hr": [*BEST_FGM_R, "train.early_stop_metric=hr@10"],
     "best_fgm_reorder_dropout0.2": [*BEST_FGM_R, "model.dropout=0.2"],
-    "best_fgm_reorder_neg512": [*BEST_FGM_R, "train.negatives=512"],
     "best_ema_crop0.3": [*BEST_EMA, "train.augment.crop_prob=0.3"],
     "best_ema_reorder0.2": [*BEST_EMA, "train.augment.reorder_prob=0.2"],
     "best_ema_hidden128_dropout0.5": [
