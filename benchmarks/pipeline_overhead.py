@@ -144,16 +144,16 @@ class CpuSampler:
     Each stack component and model service is measured at the start and the end: its
     own CPU time, what its exited children used (the kernel adds that to the parent
     once it reaps them) and its live descendants', stopping at another component. The
-    worker's share is split into the `retrain` flow run (its child at normal priority,
-    where training runs; last seen by a poll every `every` seconds, one `/proc` scan
-    each) and the niced runs (reconcile, drift-check): the rest.
+    worker's share is split into the `retrain` flow run (the engine process under it at
+    normal priority, where training runs; last seen by a poll every `every` seconds, one
+    `/proc` scan each) and the niced runs (reconcile, drift-check): the rest.
     """
 
     def __init__(self, root: Path, every: float = 2.0):
         import threading
 
         self.root, self.every = root, every
-        self.flow_runs: dict[int, float] = {}  # the worker's nice-0 children: last CPU seen
+        self.flow_runs: dict[int, float] = {}  # flow runs at normal priority: last CPU seen
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -184,24 +184,33 @@ class CpuSampler:
                 out[tops[owner]] += cpu
         return out
 
-    def _poll(self) -> None:
+    def _flow_runs(self) -> dict[int, float]:
+        """{pid: CPU seconds} of the flow runs at normal priority under the worker now."""
         import psutil
 
         worker = next(pid for pid, name in self._tops().items() if name.startswith("worker"))
+        out = {}
+        for proc in psutil.Process(worker).children(recursive=True):  # one /proc scan
+            try:
+                if proc.nice() == 0 and "prefect.engine" in proc.cmdline():
+                    out[proc.pid] = sum(proc.cpu_times()[:4])
+            except psutil.Error:
+                continue
+        return out
+
+    def _poll(self) -> None:
+        import psutil
+
         while not self._stop.wait(self.every):
             try:
-                children = psutil.Process(worker).children()
+                for pid, cpu in self._flow_runs().items():
+                    self.flow_runs[pid] = cpu - self.flow_runs_before.get(pid, 0.0)
             except psutil.Error:
                 return
-            for child in children:
-                try:
-                    if child.nice() == 0:
-                        self.flow_runs[child.pid] = sum(child.cpu_times()[:4])
-                except psutil.Error:
-                    continue
 
     def __enter__(self) -> CpuSampler:
         self.start = self._account()
+        self.flow_runs_before = self._flow_runs()
         self._thread.start()
         return self
 
