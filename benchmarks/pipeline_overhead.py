@@ -188,9 +188,8 @@ class CpuSampler:
         """{pid: CPU seconds} of the flow runs at normal priority under the worker now."""
         import psutil
 
-        worker = next(pid for pid, name in self._tops().items() if name.startswith("worker"))
         out = {}
-        for proc in psutil.Process(worker).children(recursive=True):  # one /proc scan
+        for proc in psutil.Process(self.worker).children(recursive=True):  # one /proc scan
             try:
                 if proc.nice() == 0 and "prefect.engine" in proc.cmdline():
                     out[proc.pid] = sum(proc.cpu_times()[:4])
@@ -209,6 +208,7 @@ class CpuSampler:
                 return
 
     def __enter__(self) -> CpuSampler:
+        self.worker = next(pid for pid, name in self._tops().items() if name.startswith("worker"))
         self.start = self._account()
         self.flow_runs_before = self._flow_runs()
         self._thread.start()

@@ -378,45 +378,56 @@ def _rest_get(base: str, endpoint: str, **params: str) -> dict[str, Any] | None:
     return resp.json()
 
 
-def aliases(name: str | None = None, root: Path = Path(".")) -> dict[str, str]:
-    """Current aliases of the registered model: {alias: version}."""
-    name = name or model_name()
+def _read(
+    root: Path,
+    endpoint: str,
+    params: dict[str, str],
+    from_body: Callable[[dict[str, Any]], dict[str, str]],
+    from_client: Callable[[Any], dict[str, str]],
+) -> dict[str, str]:
+    """One registry read: over REST from a tracking server, else through MlflowClient.
+
+    A resource that does not exist reads as {}.
+    """
     base = _server_url(root)
     if base:
-        body = with_retries(
-            "get_registered_model",
-            lambda: _rest_get(base, "registered-models/get", name=name),
-            base,
-        )
-        found = (body or {}).get("registered_model", {}).get("aliases", [])
-        return {a["alias"]: str(a["version"]) for a in found}
+        body = with_retries(endpoint, lambda: _rest_get(base, endpoint, **params), base)
+        return from_body(body or {})
     from mlflow.exceptions import MlflowException
 
     try:
-        rm = _client(root).get_registered_model(name)
+        return from_client(_client(root))
     except MlflowException:
         return {}
-    return {a: str(v) for a, v in (rm.aliases or {}).items()}
+
+
+def aliases(name: str | None = None, root: Path = Path(".")) -> dict[str, str]:
+    """Current aliases of the registered model: {alias: version}."""
+    name = name or model_name()
+    return _read(
+        root,
+        "registered-models/get",
+        {"name": name},
+        lambda body: {
+            a["alias"]: str(a["version"])
+            for a in body.get("registered_model", {}).get("aliases", [])
+        },
+        lambda mlc: {a: str(v) for a, v in (mlc.get_registered_model(name).aliases or {}).items()},
+    )
 
 
 def version_tags(version: str, name: str | None = None, root: Path = Path(".")) -> dict[str, str]:
     """The tags of one model version ({} if it does not exist)."""
     name = name or model_name()
-    base = _server_url(root)
-    if base:
-        body = with_retries(
-            "get_model_version",
-            lambda: _rest_get(base, "model-versions/get", name=name, version=str(version)),
-            base,
-        )
-        found = (body or {}).get("model_version", {}).get("tags", [])
-        return {t["key"]: t.get("value", "") for t in found}
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return dict(_client(root).get_model_version(name, str(version)).tags)
-    except MlflowException:
-        return {}
+    return _read(
+        root,
+        "model-versions/get",
+        {"name": name, "version": str(version)},
+        lambda body: {
+            t["key"]: t.get("value", "") for t in body.get("model_version", {}).get("tags", [])
+        },
+        lambda mlc: dict(mlc.get_model_version(name, str(version)).tags),
+    )
 
 
 def register(
