@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -224,12 +225,16 @@ def spawn(
     host: str = "127.0.0.1",
     env: dict[str, str] | None = None,
     log_dir: Path | None = None,
+    nice: int = 0,
 ) -> Handle:
     """Run `cmd` from the repository root in its own process group, logging to a file.
 
     `env` adds to this process's environment (the repository is put on PYTHONPATH).
+    `nice` > 0 lowers the process's CPU priority (see `lower_priority`).
     """
     env = _child_env(env)
+    if nice > 0 and shutil.which("nice"):
+        cmd = ["nice", "-n", str(nice), *cmd]
     service_id = f"{name}:{port}:{os.urandom(4).hex()}"
     env[SERVICE_ID_ENV] = service_id
     log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="attnflow-serve-"))
@@ -245,10 +250,30 @@ def spawn(
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own process group: stop() takes the workers too
         )
+    if nice > 0:
+        lower_priority(proc.pid, nice)
     log.info("started %s (pid %d) on %s:%d, log %s", name, proc.pid, host, port, log_path)
     return Handle(
         name, proc.pid, f"http://{host}:{port}", port, log_path, proc, service_id=service_id
     )
+
+
+def lower_priority(pid: int, nice: int) -> bool:
+    """Lower the CPU share of `pid`'s whole session, not only of its own process.
+
+    With Linux's autogroup scheduling (on by default on desktop and many server
+    kernels) each session is one scheduling group and groups share the CPU evenly, so
+    a plain `nice` only ranks processes inside their own session: a service started
+    in its own session would still take as much CPU as the training run in another.
+    The group's nice (`/proc/<pid>/autogroup`) ranks the whole session; raising it
+    needs no privilege. Returns whether it was set (False: no autogroup here, where
+    the `nice` prefix alone does the job).
+    """
+    try:
+        Path(f"/proc/{pid}/autogroup").write_text(str(nice))
+    except OSError:
+        return False
+    return True
 
 
 def _child_env(extra: dict[str, str] | None) -> dict[str, str]:

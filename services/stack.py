@@ -197,10 +197,21 @@ class Stack:
         return rec
 
     def spawn_component(
-        self, name: str, cmd: list[str], port: int, env: dict[str, str] | None = None
+        self,
+        name: str,
+        cmd: list[str],
+        port: int,
+        env: dict[str, str] | None = None,
+        background: bool = False,
     ) -> Handle:
-        """Start a long-running process of the stack (logs and pid in the run folder)."""
-        handle = spawn(name, cmd, port, self.cfg.serve.host, env, self.run_dir)
+        """Start a long-running process of the stack (logs and pid in the run folder).
+
+        `background`: a control-plane server (MLflow, Prefect, the webhook receiver),
+        started at `serve.control_plane_nice` so that it yields the CPU to training
+        and serving on a shared machine.
+        """
+        nice = self.cfg.serve.control_plane_nice if background else 0
+        handle = spawn(name, cmd, port, self.cfg.serve.host, env, self.run_dir, nice=nice)
         self.add_component(name, handle)
         return handle
 
@@ -428,6 +439,7 @@ class LocalStack(Stack):
                 ],
                 s.mlflow_port,
                 env={**env, **MLFLOW_WEBHOOK_ENV},
+                background=True,
             )
             _wait_http(f"{urls['mlflow']}/health", 120, "the MLflow server", h)
         if not self._running("prefect"):
@@ -445,6 +457,7 @@ class LocalStack(Stack):
                 ],
                 s.prefect_port,
                 env={**env, "PREFECT_API_URL": ""},
+                background=True,
             )
             _wait_http(f"{urls['prefect_api']}/health", 180, "the Prefect server", h)
             progress("creating work pools and deployments")
@@ -497,6 +510,7 @@ class LocalStack(Stack):
                 ],
                 s.webhook_port,
                 env=env,
+                background=True,
             )
             _wait_http(f"http://{s.host}:{s.webhook_port}/livez", 60, "the webhook receiver", h)
             register_webhook(self.root, urls["webhook"], env["ATTNFLOW_WEBHOOK_SECRET"])
