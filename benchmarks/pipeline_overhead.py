@@ -268,6 +268,9 @@ def main() -> None:
         "second_retrain_breakdown_s": breakdown,
         "second_retrain_cpu_s_by_process": cpu.totals(),
         "rollout_status": rollout["status"],
+        # rollout start to the first canary step: the challenger's service started (or the
+        # warm spare adopting it), put behind the gateway and ready
+        "rollout_challenger_up_s": round(rollout["steps"][0]["started"] - rollout["started"], 1),
         "rollout_bake_s": bake,
         "overhead_vs_bare_training": round((second - bare) / bare, 3),
         "overhead_vs_bare_training_excluding_bake": round((second - bake - bare) / bare, 3),

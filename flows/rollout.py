@@ -152,74 +152,85 @@ def rollout(version: str | None = None, root: str = ".", actor: str = "rollout f
         log.info("no challenger to roll out")
         return {"status": "nothing to do"}
     state = state_dir(root_path)
+    stack = Stack(root_path)
     with rollout_lock(state, version):
-        stack = Stack(root_path)
-        gateway_url = stack.gateway_url()
-        served = stack.served()
-        champion = served.get(CHAMPION)
-        if champion is None:
-            raise RolloutFailed("no champion is being served; run `attnflow up` first", version)
-        if champion["version"] == version:
-            log.info("version %s is already the served champion", version)
-            return {"status": "already champion", "version": version}
-        report: dict[str, Any] = {
-            "version": version,
-            "champion": champion["version"],
-            "started": time.time(),
-            "steps": [],
-            "actor": actor,
-        }
-        gw = GatewayClient(gateway_url)
         try:
-            challenger = start_challenger(str(root_path), version)
-        except Exception as exc:
-            # corrupt or unloadable: refused before the gateway ever saw it
-            reason = f"refused before any traffic: {exc}"
-            _roll_back(gw, stack, champion, version, reason, root_path, status="refused")
-            report.update(status="refused", reason=reason)
-            report["report"] = str(write_report(state, report))
-            raise RolloutFailed(f"rollout of v{version} {reason}", version, reason) from None
-        try:
-            gw.set_backends(champion["url"], challenger["url"])
-            if not gw.wait_ready(CHALLENGER, timeout=120):
-                raise RolloutFailed(
-                    f"challenger v{version} never became ready", version, "not ready"
+            return _canary(stack, version, root_path, cfg, actor)
+        finally:
+            # the challenger took the warm spare (when there was one): the next one warms
+            # now, after the canary, so that it never competes with the steps measured
+            try:
+                stack.ensure_spare()
+            except Exception as exc:  # no spare: the next rollout starts its challenger cold
+                log.warning("no warm spare started: %s", exc)
+
+
+def _canary(stack: Stack, version: str, root_path: Path, cfg: Any, actor: str) -> dict:
+    """The rollout proper, under the rollout lock."""
+    log = get_run_logger()
+    state = state_dir(root_path)
+    gateway_url = stack.gateway_url()
+    served = stack.served()
+    champion = served.get(CHAMPION)
+    if champion is None:
+        raise RolloutFailed("no champion is being served; run `attnflow up` first", version)
+    if champion["version"] == version:
+        log.info("version %s is already the served champion", version)
+        return {"status": "already champion", "version": version}
+    report: dict[str, Any] = {
+        "version": version,
+        "champion": champion["version"],
+        "started": time.time(),
+        "steps": [],
+        "actor": actor,
+    }
+    gw = GatewayClient(gateway_url)
+    try:
+        challenger = start_challenger(str(root_path), version)
+    except Exception as exc:
+        # corrupt or unloadable: refused before the gateway ever saw it
+        reason = f"refused before any traffic: {exc}"
+        _roll_back(gw, stack, champion, version, reason, root_path, status="refused")
+        report.update(status="refused", reason=reason)
+        report["report"] = str(write_report(state, report))
+        raise RolloutFailed(f"rollout of v{version} {reason}", version, reason) from None
+    try:
+        gw.set_backends(champion["url"], challenger["url"])
+        if not gw.wait_ready(CHALLENGER, timeout=120):
+            raise RolloutFailed(f"challenger v{version} never became ready", version, "not ready")
+        requests = _replay_requests(Path(challenger["folder"]), cfg.rollout.replay_requests)
+        for weight in cfg.rollout.steps:
+            step = canary_step(
+                gateway_url,
+                champion["url"],
+                challenger["url"],
+                weight,
+                requests,
+                cfg.rollout.model_dump(),
+            )
+            report["steps"].append(step)
+            if not step["passed"]:
+                failed = [c for c in step["checks"] if not c["passed"]]
+                reason = f"weight {weight}%: " + "; ".join(
+                    f"{c['name']}: {c['detail']}" for c in failed
                 )
-            requests = _replay_requests(Path(challenger["folder"]), cfg.rollout.replay_requests)
-            for weight in cfg.rollout.steps:
-                step = canary_step(
-                    gateway_url,
-                    champion["url"],
-                    challenger["url"],
-                    weight,
-                    requests,
-                    cfg.rollout.model_dump(),
-                )
-                report["steps"].append(step)
-                if not step["passed"]:
-                    failed = [c for c in step["checks"] if not c["passed"]]
-                    reason = f"weight {weight}%: " + "; ".join(
-                        f"{c['name']}: {c['detail']}" for c in failed
-                    )
-                    raise RolloutFailed(
-                        f"rollout of v{version} rolled back: {reason}", version, reason
-                    )
-        except RolloutFailed as exc:
-            _roll_back(gw, stack, champion, version, exc.reason or str(exc), root_path)
-            report.update(status="rolled back", reason=exc.reason or str(exc))
-            report["report"] = str(write_report(state, report))
-            raise
-        except Exception as exc:
-            _roll_back(gw, stack, champion, version, f"rollout error: {exc}", root_path)
-            report.update(status="rolled back", reason=f"rollout error: {exc}")
-            report["report"] = str(write_report(state, report))
-            raise
-        _promote(gw, stack, champion, challenger, version, actor, root_path)
-        report.update(status="promoted", finished=time.time())
-        path = write_report(state, report)
-        log.info("v%s promoted to champion; report %s", version, path)
-        report["report"] = str(path)
-        return report
+                raise RolloutFailed(f"rollout of v{version} rolled back: {reason}", version, reason)
+    except RolloutFailed as exc:
+        _roll_back(gw, stack, champion, version, exc.reason or str(exc), root_path)
+        report.update(status="rolled back", reason=exc.reason or str(exc))
+        report["report"] = str(write_report(state, report))
+        raise
+    except Exception as exc:
+        _roll_back(gw, stack, champion, version, f"rollout error: {exc}", root_path)
+        report.update(status="rolled back", reason=f"rollout error: {exc}")
+        report["report"] = str(write_report(state, report))
+        raise
+    _promote(gw, stack, champion, challenger, version, actor, root_path)
+    report.update(status="promoted", finished=time.time())
+    path = write_report(state, report)
+    log.info("v%s promoted to champion; report %s", version, path)
+    report["report"] = str(path)
+    return report
 
 
 def _roll_back(

@@ -367,6 +367,10 @@ class ServeConfig(Section):
     # nice (their whole session's, under Linux autogroup): on one machine they yield the
     # CPU to training and serving. 0: equal share.
     control_plane_nice: int = Field(10, ge=0, le=19)
+    # `attnflow up` keeps one warm model service without a model, which the next
+    # rollout's challenger (or a new champion) takes over in about a second instead of
+    # a cold start's ten or more; false: every model service starts cold.
+    warm_spare: bool = True
 
 
 class RolloutConfig(Section):

@@ -230,7 +230,7 @@ def spawn(
     """Run `cmd` from the repository root in its own process group, logging to a file.
 
     `env` adds to this process's environment (the repository is put on PYTHONPATH).
-    `nice` > 0 lowers the process's CPU priority (see `lower_priority`).
+    `nice` > 0 lowers the process's CPU priority, for good (see `set_session_nice`).
     """
     env = _child_env(env)
     if nice > 0 and shutil.which("nice"):
@@ -251,23 +251,23 @@ def spawn(
             start_new_session=True,  # its own process group: stop() takes the workers too
         )
     if nice > 0:
-        lower_priority(proc.pid, nice)
+        set_session_nice(proc.pid, nice)
     log.info("started %s (pid %d) on %s:%d, log %s", name, proc.pid, host, port, log_path)
     return Handle(
         name, proc.pid, f"http://{host}:{port}", port, log_path, proc, service_id=service_id
     )
 
 
-def lower_priority(pid: int, nice: int) -> bool:
-    """Lower the CPU share of `pid`'s whole session, not only of its own process.
+def set_session_nice(pid: int, nice: int) -> bool:
+    """Set the CPU share of `pid`'s whole session, not only of its own process.
 
     With Linux's autogroup scheduling (on by default on desktop and many server
     kernels) each session is one scheduling group and groups share the CPU evenly, so
     a plain `nice` only ranks processes inside their own session: a service started
     in its own session would still take as much CPU as the training run in another.
-    The group's nice (`/proc/<pid>/autogroup`) ranks the whole session; raising it
-    needs no privilege. Returns whether it was set (False: no autogroup here, where
-    the `nice` prefix alone does the job).
+    The group's nice (`/proc/<pid>/autogroup`) ranks the whole session; setting it to
+    0 or above needs no privilege, so it can also be taken back to 0. Returns whether
+    it was set (False: no autogroup here, where a plain `nice` does the job).
     """
     try:
         Path(f"/proc/{pid}/autogroup").write_text(str(nice))
@@ -325,6 +325,58 @@ def start_model_service(
         handle.stop()
         raise
     return handle
+
+
+def start_spare_service(
+    host: str = "127.0.0.1",
+    env: dict[str, str] | None = None,
+    log_dir: Path | None = None,
+    feedback_log: Path | None = None,
+) -> Handle:
+    """A warm spare model service on a free port: imports done, no model until `adopt`.
+
+    Returns at once; the spare is warming up in the background. `env` should carry
+    `ATTNFLOW_ADMIN_TOKEN`, which `adopt` must present.
+    """
+    return start_model_service(
+        "",
+        port=free_port(host),
+        host=host,
+        variant="spare",
+        feedback_log=feedback_log,
+        env={**(env or {}), "ATTNFLOW_SPARE": "1"},
+        log_dir=log_dir,
+        wait=False,
+    )
+
+
+def adopt(url: str, source: str, variant: str, token: str, timeout: float = 120.0) -> dict:
+    """Have the spare at `url` take on `source` (model folder or models:/ URI) as `variant`.
+
+    Waits for a spare that is still warming up. Returns its /info once it is ready;
+    raises `LaunchError` when it refuses (not a waiting spare, wrong token) or cannot
+    load the model, or is not up within `timeout` seconds.
+    """
+    body = json.dumps({"source": source, "variant": variant}).encode()
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+    deadline = time.monotonic() + timeout
+    while True:
+        req = urllib.request.Request(f"{url}/adopt", data=body, headers=headers, method="POST")
+        left = deadline - time.monotonic()
+        try:
+            with urllib.request.urlopen(req, timeout=max(1.0, left)) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            detail = exc.read()[:500].decode(errors="replace")
+            raise LaunchError(
+                f"the spare at {url} did not adopt {source}: {exc.code} {detail}"
+            ) from None
+        except OSError as exc:  # not listening yet: still warming up
+            if left <= 0:
+                raise LaunchError(
+                    f"the spare at {url} was not up in {timeout:.0f}s: {exc}"
+                ) from None
+            time.sleep(0.2)
 
 
 def wait_ready_or_relaunch(

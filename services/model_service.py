@@ -7,12 +7,15 @@ Start it with
 
 The model is fetched once, at start (`pipelines.registry.fetch_model`: a local model
 folder, or a registry URI whose alias is pinned to a version then), and the service
-keeps serving that version. APIs (JSON in, JSON out):
+keeps serving that version. A spare (`ATTNFLOW_SPARE=1`, no source) starts with
+everything imported but no model, and fetches its one model when /adopt names it.
+APIs (JSON in, JSON out):
 
     POST /recommend  {"user_id"| "history", "k", "exclude_seen", "explain"}
     POST /similar    {"item_id", "k"}
     POST /feedback   {"events": [{user_id, item_id, event, ts?, value?, dwell_s?, ...}]}
     POST /info       which model this is and whether it is ready
+    POST /adopt      {"source", "variant"}: a warm spare takes on its model (admin token)
     GET  /livez, /readyz (ready after a smoke recommendation), /metrics (Prometheus)
 
 Bad input is answered 4xx naming the field at fault, never 5xx: 400 for a body
@@ -30,6 +33,8 @@ Environment:
     ATTNFLOW_ROOT           project root for registry URIs (MLflow store; default .)
     ATTNFLOW_VARIANT        the variant this service reports when the gateway does not
                             say (X-Attnflow-Variant request header); default "champion"
+    ATTNFLOW_SPARE          "1" (with no model source): start warm and wait for /adopt
+    ATTNFLOW_ADMIN_TOKEN    bearer token /adopt requires (without it /adopt is shut)
     ATTNFLOW_TEST_DELAY_MS  fault injection for tests and drills only: every /recommend and
                             /similar waits this long first (a slow model)
 
@@ -76,6 +81,8 @@ SET_ENV = "ATTNFLOW_SET"
 FEEDBACK_ENV = "ATTNFLOW_FEEDBACK_LOG"
 VARIANT_ENV = "ATTNFLOW_VARIANT"
 DELAY_ENV = "ATTNFLOW_TEST_DELAY_MS"  # fault injection: a slow model (tests, drills)
+SPARE_ENV = "ATTNFLOW_SPARE"  # "1" with no model source: a warm spare waiting for /adopt
+ADMIN_TOKEN_ENV = "ATTNFLOW_ADMIN_TOKEN"  # bearer token of /adopt
 VARIANT_HEADER = "x-attnflow-variant"
 VARIANTS = ("champion", "challenger")
 
@@ -187,6 +194,15 @@ class FeedbackRequest(BaseModel):
         if len(v) > limit:
             raise ValueError(f"at most {limit} events a request (serve.max_feedback_events)")
         return v
+
+
+class AdoptRequest(BaseModel):
+    """The model a spare service takes on (admin only)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(min_length=1, max_length=1000)  # model folder or models:/ URI
+    variant: str = Field("challenger", pattern="^(champion|challenger)$")
 
 
 class FeedbackResponse(BaseModel):
@@ -606,9 +622,6 @@ class ModelService:
     def __init__(self) -> None:
         import torch
 
-        from pipelines.inference import ServedModel
-        from pipelines.registry import fetch_model
-
         try:
             cfg, config_error = serve_config(), None
         except Exception as exc:  # raising would make BentoML restart the worker forever
@@ -637,10 +650,25 @@ class ModelService:
         )
         # A model that cannot load leaves the service alive but never ready, with the
         # reason in /info: raising here would make BentoML restart the worker forever.
+        self.spare = not self.source and os.environ.get(SPARE_ENV) == "1"
+        self.admin_token = (os.environ.get(ADMIN_TOKEN_ENV) or "").encode() or None
         if config_error:
             self.not_ready_reason = config_error
             log.error("%s; the service stays not ready", config_error)
             return
+        if self.spare:
+            _warm_imports()
+            self.not_ready_reason = "spare: waiting for /adopt"
+            log.info("spare model service: waiting for a model to adopt")
+            return
+        self._load(self.source)
+
+    def _load(self, source: str) -> None:
+        """Fetch and load `source`, then smoke-test it; failures leave it not ready."""
+        from pipelines.inference import ServedModel
+        from pipelines.registry import fetch_model
+
+        self.source = source
         try:
             if not self.source:
                 raise ValueError(f"set {SOURCE_ENV} to a model folder or a models:/ URI")
@@ -808,9 +836,32 @@ class ModelService:
         self.feedback_events.labels("duplicate").inc(result.duplicates)
         return _json({"written": result.written, "duplicates": result.duplicates})
 
+    @bentoml.api(route="/adopt")
+    async def adopt(self, req: AdoptRequest, /, ctx: bentoml.Context) -> dict[str, Any]:
+        """A spare takes on its one model version (admin: bearer token); then as if started so.
+
+        401 without the token, 409 when this service is not a waiting spare, 503 when
+        the model cannot be loaded (the spare then stays not ready: stop it).
+        """
+        if not _bearer_matches(ctx.request.headers.get("authorization"), self.admin_token):
+            ctx.response.status_code = 401
+            return _error(401, None, f"adopt: bearer token required ({ADMIN_TOKEN_ENV})")
+        if not self.spare or self.source:
+            ctx.response.status_code = 409
+            return _error(409, None, "adopt: not a waiting spare (it serves one model only)")
+        self.default_variant = req.variant
+        await asyncio.get_running_loop().run_in_executor(self.executor, self._load, req.source)
+        if not self.ready:
+            ctx.response.status_code = 503
+            return _error(503, None, f"adopt: {self.not_ready_reason}")
+        return _json(self._info())
+
     @bentoml.api(route="/info")
     async def info(self) -> dict[str, Any]:
         """Which model this service serves, and whether it is ready (for the gateway)."""
+        return self._info()
+
+    def _info(self) -> dict[str, Any]:
         return {
             "name": self.model_name,
             "version": self.model_version,
@@ -822,6 +873,30 @@ class ModelService:
             "n_items": len(self.model.item_ids) - 1 if self.model else None,
             "n_users": len(self.model.user_index) if self.model else None,
         }
+
+
+def _warm_imports() -> None:
+    """Import what loading a model needs, so that a spare's /adopt only loads weights.
+
+    Started ahead of need, a spare takes on a model in about a second instead of a
+    cold start's ten or more, most of which is these imports (see `services.stack`).
+    """
+    import mlflow.artifacts  # noqa: F401  (fetch_model: registry downloads)
+    import safetensors.torch  # noqa: F401
+    from mlflow.tracking import MlflowClient  # noqa: F401
+    from transformers import BertModel, GPT2Model  # noqa: F401  (the two backbones)
+
+    import pipelines.inference  # noqa: F401
+
+
+def _bearer_matches(header: str | None, token: bytes | None) -> bool:
+    """Whether an Authorization header carries `token` (never without a token set)."""
+    import hmac
+
+    if token is None or not header:
+        return False
+    scheme, _, given = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token)
 
 
 def _finite(x: float) -> bool:

@@ -32,16 +32,21 @@ from pipelines.errors import AttnflowError
 from pipelines.registry import CHALLENGER, CHAMPION, state_dir
 from services.launch import (
     Handle,
+    LaunchError,
+    adopt,
     free_port,
     live_descendants,
+    set_session_nice,
     spawn,
     start_gateway,
     start_model_service,
+    start_spare_service,
 )
 
 log = logging.getLogger(__name__)
 
 STANDBY = "standby"
+SPARE = "spare"  # a warm model service with no model yet: the next challenger or champion
 # Scaled-out back ends for `attnflow up` (defaults: SQLite and a local folder). Prefect's
 # server reads PREFECT_API_DATABASE_CONNECTION_URL itself.
 MLFLOW_BACKEND_ENV = "ATTNFLOW_MLFLOW_BACKEND_URI"  # e.g. postgresql+psycopg2://...
@@ -229,30 +234,79 @@ class Stack:
     def start_model(self, version: str, folder: str, role: str) -> dict[str, Any]:
         """A model service for registry `version` in `role`; replaces that role's.
 
-        The service is given the pinned URI (`models:/<name>/<version>`), so it reports
-        its version; `folder` is where that version was already fetched to.
+        The warm spare takes the version on when there is one (about a second);
+        otherwise a service starts cold, given the pinned URI (`models:/<name>/<version>`)
+        so that it reports its version. `folder` is where that version was fetched to.
         """
         from pipelines.registry import model_name
 
         old = self.read()["models"].get(role)
-        handle = start_model_service(
-            f"models:/{model_name()}/{version}",
-            port=free_port(self.cfg.serve.host),
-            host=self.cfg.serve.host,
-            variant=role,
-            feedback_log=self.root / self.cfg.serve.feedback_log,
-            env={
-                "ATTNFLOW_ROOT": str(self.root),
-                "ATTNFLOW_PARAMS": str(self.root / "params.yaml"),
-            },
-            log_dir=self.run_dir,
-        )
-        rec = _record(handle, version=str(version), folder=str(folder), role=role)
+        uri = f"models:/{model_name()}/{version}"
+        rec = self._adopt_spare(uri, version, folder, role)
+        if rec is None:
+            handle = start_model_service(
+                uri,
+                port=free_port(self.cfg.serve.host),
+                host=self.cfg.serve.host,
+                variant=role,
+                feedback_log=self.root / self.cfg.serve.feedback_log,
+                env=self._model_env(),
+                log_dir=self.run_dir,
+            )
+            rec = _record(handle, version=str(version), folder=str(folder), role=role)
         with self._locked() as state:
             state["models"][role] = rec
         if old and old["pid"] != rec["pid"]:
             stop_pids(_tree(old))
         return rec
+
+    def _model_env(self) -> dict[str, str]:
+        return {"ATTNFLOW_ROOT": str(self.root), "ATTNFLOW_PARAMS": str(self.root / "params.yaml")}
+
+    def ensure_spare(self) -> dict[str, Any] | None:
+        """Start a warm spare model service unless one runs (`serve.warm_spare`); no wait.
+
+        A cold model service spends ten seconds and more importing torch, transformers,
+        MLflow and BentoML before it loads its model; a rollout waits for that. The
+        spare does it ahead of time, at `serve.control_plane_nice` so that it yields
+        to training, and `start_model` hands it the next version. It costs one idle
+        process (a few hundred MB).
+        """
+        if not self.cfg.serve.warm_spare:
+            return None
+        spare = self.read()["models"].get(SPARE)
+        if spare and _alive(spare["pid"]):
+            return spare
+        handle = start_spare_service(
+            host=self.cfg.serve.host,
+            env={
+                **self._model_env(),
+                "ATTNFLOW_ADMIN_TOKEN": self.secrets()["ATTNFLOW_ADMIN_TOKEN"],
+            },
+            log_dir=self.run_dir,
+            feedback_log=self.root / self.cfg.serve.feedback_log,
+        )
+        set_session_nice(handle.pid, self.cfg.serve.control_plane_nice)
+        rec = _record(handle, version=None, folder=None, role=SPARE)
+        with self._locked() as state:
+            state["models"][SPARE] = rec
+        return rec
+
+    def _adopt_spare(self, uri: str, version: str, folder: str, role: str) -> dict[str, Any] | None:
+        """The spare, now serving `uri` in `role`; None when there is no spare or it failed."""
+        with self._locked() as state:
+            spare = state["models"].pop(SPARE, None)
+        if not spare or not _alive(spare["pid"]):
+            return None
+        set_session_nice(spare["pid"], 0)  # it serves now: back to an equal share
+        try:
+            adopt(spare["url"], uri, role, self.secrets()["ATTNFLOW_ADMIN_TOKEN"], timeout=120)
+        except LaunchError as exc:
+            log.warning("%s; starting a model service for v%s instead", exc, version)
+            stop_pids(_tree(spare))
+            return None
+        pids = sorted({*spare.get("pids", []), *live_descendants(spare["pid"])})
+        return {**spare, "pids": pids, "version": str(version), "folder": str(folder), "role": role}
 
     def stop_role(self, role: str) -> None:
         """Stop the model service in `role`, if any."""
@@ -554,7 +608,7 @@ class LocalStack(Stack):
         return crashed
 
     def ensure_serving(self, progress=lambda msg: None) -> dict[str, Any] | None:
-        """The gateway up, and the `champion` alias's version served behind it."""
+        """The gateway up, the `champion` alias's version served behind it, a spare warming."""
         from pipelines.registry import fetch_model, get_alias, model_name
         from pipelines.rollout import GatewayClient
 
@@ -572,6 +626,7 @@ class LocalStack(Stack):
             gw = GatewayClient(self.gateway_url(), self.secrets()["ATTNFLOW_ADMIN_TOKEN"])
             if (gw.state().get("backends") or {}).get(CHAMPION, {}).get("url") != served["url"]:
                 gw.set_backends(served["url"], None)
+        self.ensure_spare()
         return served
 
 

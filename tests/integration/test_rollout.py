@@ -35,7 +35,7 @@ from pipelines.registry import (
 )
 from pipelines.rollout import RolloutBusy, RolloutFailed, rollout_holder, rollout_lock
 from services.launch import free_port, spawn
-from services.stack import MLFLOW_WEBHOOK_ENV, LocalStack, register_webhook
+from services.stack import MLFLOW_WEBHOOK_ENV, SPARE, LocalStack, register_webhook
 from tests.conftest import QUICK_ROLLOUT, REPO, spawn_mlflow, venv_env
 from tests.model.conftest import make_split
 
@@ -192,12 +192,16 @@ def _rollout(root: Path, version: str):
 def test_good_challenger_is_promoted_with_zero_failed_requests(platform):
     root, stack, v = platform["root"], platform["stack"], platform["versions"]
     assert aliases(root=root) == {CHAMPION: v["v_good_1"], CHALLENGER: v["v_good_2"]}
+    spare = stack.served()[SPARE]["pid"]  # started warm by `ensure_serving`
     with Load(stack.gateway_url(), platform["users"]) as load:
         report = _rollout(root, v["v_good_2"])
     assert report["status"] == "promoted", report
     assert [s["weight"] for s in report["steps"]] == [50, 100]
     assert load.statuses and set(load.statuses) == {200}, set(load.statuses)
     assert aliases(root=root) == {CHAMPION: v["v_good_2"]}
+    # the challenger was the warm spare, and the next spare is warming
+    assert stack.served()[CHAMPION]["pid"] == spare
+    assert stack.served()[SPARE]["pid"] != spare and stack.served()[SPARE]["version"] is None
     served = stack.served()
     assert served[CHAMPION]["version"] == v["v_good_2"]
     assert served["standby"]["version"] == v["v_good_1"]
@@ -283,8 +287,15 @@ def test_challenger_that_raises_is_rolled_back_for_errors(platform):
 def test_slow_challenger_is_rolled_back_for_latency(platform, monkeypatch):
     root = platform["root"]
     version = _register_folder(root, _variant_folder(root, "slow", lambda e, a: None))
-    monkeypatch.setenv("ATTNFLOW_TEST_DELAY_MS", "400")  # inherited by the challenger only
-    _rolled_back(platform, version, "p99_latency")
+    stack = LocalStack(root)
+    # A service reads the delay when it starts: this challenger starts cold, not as the
+    # warm spare started before; the spare the rollout starts after it has the delay too.
+    with monkeypatch.context() as mp:
+        mp.setenv("ATTNFLOW_TEST_DELAY_MS", "400")  # inherited by the challenger only
+        stack.stop_role(SPARE)
+        _rolled_back(platform, version, "p99_latency")
+        stack.stop_role(SPARE)
+    stack.ensure_spare()
 
 
 def test_a_second_rollout_while_one_runs_is_refused(platform):

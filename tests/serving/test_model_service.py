@@ -316,3 +316,34 @@ def test_a_service_whose_port_was_taken_starts_again_on_another(models, tmp_path
             first.stop()
             if handle is not None:
                 handle.stop()
+
+
+def test_a_warm_spare_waits_unready_then_adopts_one_model_for_the_admin_only(models, tmp_path):
+    """The spare a rollout hands its challenger to: not ready, admin-only, one model only."""
+    from services.launch import adopt, start_spare_service
+
+    token = "spare-test-token"
+    env = {"BENTOML_HOME": str(tmp_path / "bentoml"), "ATTNFLOW_ADMIN_TOKEN": token}
+    spare = start_spare_service(env=env, log_dir=tmp_path, feedback_log=tmp_path / "fb.jsonl")
+    try:
+        with pytest.raises(LaunchError, match="401"):  # waits for the warm-up, then refused
+            adopt(spare.url, str(models.trained), "challenger", "wrong-token", timeout=180)
+        assert HTTP.get(spare.url + "/readyz").status_code == 503
+        info = _post(spare.url, "/info", {}).json()
+        assert info["ready"] is False and info["not_ready_reason"].startswith("spare")
+        assert _post(spare.url, "/recommend", {"history": ["i1"]}).status_code == 503
+
+        info = adopt(spare.url, str(models.trained), "challenger", token, timeout=60)
+        assert info["ready"] is True and info["variant"] == "challenger"
+        assert info["source"] == str(models.trained) and len(info["digest"]) == 16
+        assert HTTP.get(spare.url + "/readyz").status_code == 200
+        user = next(iter(ServedModel.load(models.trained).user_index))
+        r = _post(spare.url, "/recommend", {"user_id": user, "k": 5})
+        assert r.status_code == 200 and len(r.json()["items"]) == 5
+        assert r.json()["variant"] == "challenger"
+
+        with pytest.raises(LaunchError, match="409"):  # it serves this model, and only it
+            adopt(spare.url, str(models.random), "challenger", token, timeout=30)
+        assert _post(spare.url, "/info", {}).json()["source"] == str(models.trained)
+    finally:
+        spare.stop()
