@@ -26,7 +26,7 @@ writable, overloaded); 500 is a bug.
 
 Environment:
 
-    ATTNFLOW_MODEL_SOURCE   model folder or models:/ URI (required)
+    ATTNFLOW_MODEL_SOURCE   model folder or models:/ URI (required, except for a spare)
     ATTNFLOW_PARAMS         params.yaml to read `serve` from (default ./params.yaml)
     ATTNFLOW_SET            ';'-separated overrides, e.g. "serve.max_k=20;serve.max_batch_size=8"
     ATTNFLOW_FEEDBACK_LOG   feedback log path (default serve.feedback_log)
@@ -849,6 +849,7 @@ class ModelService:
         if not self.spare or self.source:
             ctx.response.status_code = 409
             return _error(409, None, "adopt: not a waiting spare (it serves one model only)")
+        self.source = req.source  # claimed now: a second /adopt is refused while this loads
         self.default_variant = req.variant
         await asyncio.get_running_loop().run_in_executor(self.executor, self._load, req.source)
         if not self.ready:
