@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -273,7 +274,22 @@ def set_session_nice(pid: int, nice: int) -> bool:
         Path(f"/proc/{pid}/autogroup").write_text(str(nice))
     except OSError:
         return False
-    return True
+    # Some sandboxes (gVisor-like /proc) accept the write and ignore it: read it back.
+    return session_nice(pid) == nice
+
+
+def session_nice(pid: int) -> int | None:
+    """The nice of `pid`'s autogroup ('/autogroup-12 nice 10'); None where there is none.
+
+    None also where the file exists but says nothing parseable, as in sandboxes whose
+    /proc emulates the file without autogroup scheduling behind it.
+    """
+    try:
+        text = Path(f"/proc/{pid}/autogroup").read_text()
+    except OSError:
+        return None
+    match = re.search(r"\bnice\s+(-?\d+)", text)
+    return int(match.group(1)) if match else None
 
 
 def _child_env(extra: dict[str, str] | None) -> dict[str, str]:
