@@ -72,7 +72,8 @@ def _dvc_slot():
     retries=3,
     retry_delay_seconds=[2, 10, 30],
     retry_condition_fn=retry_on_transient,
-    tags=["dvc"],
+    # No tags: Prefect takes a tag-concurrency lease per tagged task run (an API round
+    # trip per stage, renewed while it runs); the flow's `dvc-repo` slot is the guard.
 )
 def dvc_stage(name: str, root: str, warm: bool = True) -> dict[str, Any]:
     """Reproduce one dvc.yaml stage (skipped by DVC when nothing it depends on changed).

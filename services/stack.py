@@ -419,6 +419,10 @@ MLFLOW_WEBHOOK_ENV = {
     "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
     "MLFLOW_WEBHOOK_CACHE_TTL": "5",
 }
+# MLflow 3's server starts a job runner (seven huey consumer processes, about 240 MB
+# and a steady trickle of CPU each) for GenAI evaluation jobs and trace rollups, which
+# attnflow never submits; webhooks are delivered from the server's own threads.
+MLFLOW_SERVER_ENV = {**MLFLOW_WEBHOOK_ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 class LocalStack(Stack):
@@ -495,7 +499,7 @@ class LocalStack(Stack):
                     "1",
                 ],
                 s.mlflow_port,
-                env={**env, **MLFLOW_WEBHOOK_ENV},
+                env={**env, **MLFLOW_SERVER_ENV},
                 background=True,
             )
             _wait_http(f"{urls['mlflow']}/health", 120, "the MLflow server", h)
