@@ -21,7 +21,8 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -425,6 +426,40 @@ MLFLOW_WEBHOOK_ENV = {
 MLFLOW_SERVER_ENV = {**MLFLOW_WEBHOOK_ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
+# Deployments whose runs only look at the state now (prefect.yaml): a missed run is
+# not worth catching up on.
+PERIODIC_CHECKS = ("reconcile", "drift-check")
+
+
+def drop_missed_runs(client, deployments: Iterable[str], before: datetime) -> int:
+    """Delete the scheduled runs of `deployments` that were due before `before`; a count.
+
+    Prefect creates scheduled runs ahead of time and a worker starts every run that is
+    due, however late: after an hour down, `attnflow up` would start sixty `reconcile`
+    runs back to back, a Python process of several CPU seconds each. A check looks at
+    the state as it is now, so the next run due does the work of all the missed ones.
+    """
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterName,
+        FlowRunFilter,
+        FlowRunFilterExpectedStartTime,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    due = FlowRunFilter(
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])),
+        expected_start_time=FlowRunFilterExpectedStartTime(before_=before),
+    )
+    named = DeploymentFilter(name=DeploymentFilterName(any_=list(deployments)))
+    runs = client.read_flow_runs(flow_run_filter=due, deployment_filter=named)
+    for run in runs:
+        client.delete_flow_run(run.id)
+    return len(runs)
+
+
 class LocalStack(Stack):
     """`attnflow up`: MLflow, Prefect (server, pools, deployments, a cpu worker), the
     webhook receiver, the canary gateway and the champion's model service."""
@@ -531,6 +566,9 @@ class LocalStack(Stack):
         if not self._running("worker-cpu"):
             for run in self.crash_orphaned_runs():
                 progress(f"marked flow run {run} crashed: the worker that ran it is gone")
+            missed = self.drop_missed_checks()
+            if missed:
+                progress(f"dropped {missed} reconcile/drift-check run(s) missed while down")
             progress("starting a process worker for the cpu pool")
             self.spawn_component(
                 "worker-cpu",
@@ -613,6 +651,15 @@ class LocalStack(Stack):
                 log.warning("flow run %s marked crashed: %s", run.name, message)
                 crashed.append(run.name)
         return crashed
+
+    def drop_missed_checks(self, grace_s: float = 30.0) -> int:
+        """Delete the periodic checks' runs that fell due while no worker ran (see
+        `drop_missed_runs`); how many were dropped."""
+        from prefect.client.orchestration import get_client
+
+        before = datetime.now(UTC) - timedelta(seconds=grace_s)
+        with prefect_api(self.urls()["prefect_api"]), get_client(sync_client=True) as client:
+            return drop_missed_runs(client, PERIODIC_CHECKS, before)
 
     def ensure_serving(self, progress=lambda msg: None) -> dict[str, Any] | None:
         """The gateway up, the `champion` alias's version served behind it, a spare warming."""
