@@ -119,17 +119,37 @@ def start_training_run(cfg: Config, root: Path, lineage: dict[str, Any]) -> str:
     return run.info.run_id
 
 
-def log_epoch(root: Path, run_id: str, epoch: int, row: dict[str, float]) -> None:
-    """Per-epoch metrics (loss, validation metrics, cumulative training seconds)."""
-    import time
+class EpochLog:
+    """Per-epoch metrics (loss, validation metrics, cumulative training seconds), logged
+    through MLflow's asynchronous queue so that training never waits on the tracking
+    server between epochs; `wait()` before the run's final logging raises what failed.
+    """
 
-    from mlflow.entities import Metric
+    def __init__(self, root: Path, run_id: str):
+        self._client = client(root)  # one client: one async queue for the whole training
+        self._run_id = run_id
+        self._pending: list[Any] = []
 
-    now = int(time.time() * 1000)
-    metrics = [
-        Metric(k.replace("@", "_at_"), float(v), now, epoch) for k, v in row.items() if k != "epoch"
-    ]
-    client(root).log_batch(run_id, metrics=metrics)
+    def __call__(self, epoch: int, row: dict[str, float]) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(k.replace("@", "_at_"), float(v), now, epoch)
+            for k, v in row.items()
+            if k != "epoch"
+        ]
+        self._pending.append(
+            self._client.log_batch(self._run_id, metrics=metrics, synchronous=False)
+        )
+
+    def wait(self) -> None:
+        """Block until every epoch's metrics are logged (raises the first failure)."""
+        pending, self._pending = self._pending, []
+        for op in pending:
+            op.wait()
 
 
 def _log_dict_metrics(mlc, run_id: str, prefix: str, metrics: dict[str, float]) -> None:

@@ -668,7 +668,7 @@ def run(cfg: Config, root: Path = Path("."), progress: bool = False) -> dict[str
     from pipelines.errors import DataError
     from pipelines.events import write_json
     from pipelines.sequences import load_split
-    from pipelines.tracking import log_epoch, log_trained_model, start_training_run
+    from pipelines.tracking import EpochLog, log_trained_model, start_training_run
 
     split_dir = root / cfg.paths.split_dir
     if not (split_dir / "meta.json").exists():
@@ -686,14 +686,17 @@ def run(cfg: Config, root: Path = Path("."), progress: bool = False) -> dict[str
             run_id = start_training_run(cfg, root, lineage)
             run_file.parent.mkdir(parents=True, exist_ok=True)
             run_file.write_text(json.dumps({"run_id": run_id}))
+    epochs = EpochLog(root, run_id) if run_id else None
     result = train_model(
         cfg,
         data,
         ckpt_dir,
         cache_dir=root / ".attnflow" / "cache",
-        on_epoch=(lambda e, row: log_epoch(root, run_id, e, row)) if run_id else None,
+        on_epoch=epochs,
         progress=progress and sys.stderr.isatty(),
     )
+    if epochs is not None:
+        epochs.wait()
     summary = {
         "dataset": cfg.ingest.dataset,
         "mlflow_run_id": run_id,

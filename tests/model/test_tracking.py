@@ -108,3 +108,17 @@ def test_flipped_bytes_in_the_weights_are_refused(trained, tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(ModelCorrupted, match=r"weights\.safetensors does not match"):
         load_model(copy)
+
+
+def test_epoch_metrics_that_failed_to_log_fail_the_training_at_its_end(tmp_path, monkeypatch):
+    """Per-epoch metrics go out asynchronously; a failure surfaces at `wait()`, before the
+    model is logged, instead of vanishing."""
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.tracking import EpochLog
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    epochs = EpochLog(tmp_path, "no-such-run")
+    epochs(1, {"epoch": 1, "loss": 0.5})  # returns at once
+    with pytest.raises(MlflowException):
+        epochs.wait()
