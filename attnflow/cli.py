@@ -304,18 +304,17 @@ def _print_stages(result: dict) -> None:
 
 def _run_deployment(name: str, parameters: dict) -> None:
     """Run a deployment of the local Prefect server on its worker and wait for it."""
-    from prefect.deployments import run_deployment
-
     from pipelines.errors import AttnflowError
-    from services.stack import prefect_api
+    from services.prefect_rest import run_deployment
 
     typer.echo(f"running deployment {name} on the local Prefect server...")
-    with prefect_api():
-        run = run_deployment(name, parameters=parameters, timeout=None, poll_interval=1)
-    api = os.environ["PREFECT_API_URL"].removesuffix("/api")
-    typer.echo(f"  flow run {run.name}: {run.state.name}  ({api}/runs/flow-run/{run.id})")
-    if not run.state.is_completed():
-        raise AttnflowError(f"deployment {name} ended {run.state.name}: {run.state.message}")
+    api = os.environ["PREFECT_API_URL"]
+    run = run_deployment(api, name, parameters)
+    state = run["state"]
+    ui = api.rstrip("/").removesuffix("/api")
+    typer.echo(f"  flow run {run['name']}: {state['name']}  ({ui}/runs/flow-run/{run['id']})")
+    if state["type"] != "COMPLETED":
+        raise AttnflowError(f"deployment {name} ended {state['name']}: {state.get('message')}")
 
 
 def _show_recommendations(gateway: str, user: str, k: int = 5) -> None:

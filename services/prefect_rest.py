@@ -1,0 +1,117 @@
+"""Prefect's REST API for the light processes: start and follow a deployment's run,
+and record a flow run's end without Prefect's engine.
+
+The CLI's `attnflow retrain` (with the stack up) only creates a flow run and waits for
+its final state; Prefect's Python client would import all of Prefect first, about 3
+CPU-seconds here, on the path between the command and the worker picking the run up.
+These are the same three calls `prefect.deployments.run_deployment` makes (read the
+deployment by name, create a run from it, read the run until its state is final),
+over httpx. The server fills in the deployment's default parameters and checks the
+given ones against its schema, as it does for the Python client.
+
+`propose_state` and `post_log` are for the every-minute check's light front
+(`flows/precheck.py`): a run with nothing to do goes Running, then Completed, through
+the same orchestration rules as the engine's own state changes (so the deployment's
+concurrency slot is released), with one log line beside it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from pipelines.errors import AttnflowError
+
+FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "CRASHED"})
+
+
+def _checked(response: httpx.Response, what: str) -> Any:
+    if response.status_code >= 400:
+        raise AttnflowError(
+            f"{what}: Prefect answered {response.status_code}: {response.text[:300]}"
+        )
+    return response.json()
+
+
+def create_run(client: httpx.Client, name: str, parameters: dict[str, Any]) -> dict[str, Any]:
+    """Create a scheduled flow run of the deployment `flow/deployment`; returns the run."""
+    flow, _, deployment = name.partition("/")
+    dep = _checked(client.get(f"/deployments/name/{flow}/{deployment}"), f"deployment {name}")
+    return _checked(
+        client.post(
+            f"/deployments/{dep['id']}/create_flow_run",
+            json={"parameters": parameters, "state": {"type": "SCHEDULED"}},
+        ),
+        f"a run of {name}",
+    )
+
+
+def wait_for_run(
+    client: httpx.Client,
+    run_id: str,
+    poll_s: float = 1.0,
+    timeout_s: float | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any]:
+    """Read the flow run until its state is final (or `timeout_s` passes); returns it."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        run = _checked(client.get(f"/flow_runs/{run_id}"), f"flow run {run_id}")
+        if (run.get("state") or {}).get("type") in FINAL_STATES:
+            return run
+        if deadline is not None and time.monotonic() > deadline:
+            return run
+        sleep(poll_s)
+
+
+def run_deployment(
+    api_url: str, name: str, parameters: dict[str, Any], poll_s: float = 1.0
+) -> dict[str, Any]:
+    """Run deployment `name` (`flow/deployment`) with `parameters`; wait for its end.
+
+    Returns the final flow run as the API gives it (`name`, `state.type`, ...).
+    """
+    with httpx.Client(base_url=api_url.rstrip("/"), timeout=30) as client:
+        run = create_run(client, name, parameters)
+        return wait_for_run(client, run["id"], poll_s)
+
+
+def propose_state(
+    client: httpx.Client,
+    run_id: str,
+    state_type: str,
+    message: str | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> bool:
+    """Propose a state for a flow run (as the engine does, not forced); True if accepted.
+
+    A WAIT is honoured as the engine honours it: a worker starts runs up to 10 s before
+    their scheduled time, and the server holds a run's start until then.
+    """
+    state = {"type": state_type, "name": state_type.capitalize(), "message": message}
+    for _ in range(10):
+        body = _checked(
+            client.post(f"/flow_runs/{run_id}/set_state", json={"state": state, "force": False}),
+            f"flow run {run_id} -> {state_type}",
+        )
+        if body.get("status") != "WAIT":
+            return body.get("status") == "ACCEPT"
+        sleep(min(float((body.get("details") or {}).get("delay_seconds") or 1.0), 30.0))
+    return False
+
+
+def post_log(client: httpx.Client, run_id: str, message: str, level: int = 20) -> None:
+    """One line in the flow run's log (what the engine's run logger would send)."""
+    from datetime import UTC, datetime
+
+    line = {
+        "name": "prefect.flow_runs",
+        "level": level,
+        "message": message,
+        "timestamp": datetime.now(UTC).isoformat(),
+        "flow_run_id": run_id,
+    }
+    _checked(client.post("/logs/", json=[line]), f"log of flow run {run_id}")
