@@ -8,7 +8,9 @@ The deployment runs at the lowest CPU priority (`nice`, prefect.yaml): a check e
 minute must not slow a training run that shares the machine. A rollout it finds
 necessary must not inherit that priority (the challenger it starts is measured against
 the champion), so a deployment run hands it to the `rollout` deployment, whose run the
-worker starts at normal priority; `attnflow reconcile` rolls out in-process.
+worker starts at normal priority; `attnflow reconcile` rolls out in-process. The
+deployment's runs start in `flows/precheck.py`, which takes the same decision without
+Prefect's engine and starts this flow only when there is something to do.
 """
 
 from __future__ import annotations
@@ -22,19 +24,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from prefect import flow, get_run_logger
 from prefect.runtime import deployment
 
-from pipelines.reconcile import plan
-from pipelines.registry import aliases, version_tags
+from flows.precheck import decide
 from pipelines.rollout import RolloutBusy, rollout_holder
-
-
-def _statuses(root: Path, versions: set[str]) -> dict[str, str]:
-    out = {}
-    for v in versions:
-        tags = version_tags(v, root=root)
-        if "rollout.status" in tags:
-            out[v] = tags["rollout.status"]
-    return out
-
 
 ROLLOUT_DEPLOYMENT = "rollout/rollout"
 
@@ -78,25 +69,11 @@ def _rollout_run_pending() -> str | None:
 def reconcile(root: str = ".") -> dict[str, Any]:
     """Start a rollout if the aliases ask for a version that is not being served."""
     from flows.rollout import rollout
-    from services.stack import Stack
 
     log = get_run_logger()
     root_path = Path(root).resolve()
-    stack = Stack(root_path)
-    if not stack.is_up():
-        log.info("the serving stack is not up; nothing to reconcile")
-        return {"action": "none", "reason": "stack not up"}
-    now = aliases(root=root_path)
-    served = (stack.served().get("champion") or {}).get("version")
-    action = plan(now, served, _statuses(root_path, set(now.values())))
-    log.info(
-        "aliases %s, serving v%s: %s (%s; CPU niceness %d)",
-        now,
-        served,
-        action.kind,
-        action.reason,
-        os.nice(0),
-    )
+    action, line = decide(root_path)
+    log.info("%s", line)
     if action.kind != "rollout":
         return {"action": "none", "reason": action.reason}
     from pipelines.registry import state_dir
