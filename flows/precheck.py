@@ -66,6 +66,7 @@ def _run_root(parameters: dict) -> Path:
 
 
 def _engine() -> None:
+    """Become Prefect's engine (the worker's default command); never returns."""
     os.execv(sys.executable, [sys.executable, "-m", "prefect.engine"])
 
 
@@ -79,21 +80,18 @@ def main() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     run_id, api = os.environ.get("PREFECT__FLOW_RUN_ID"), os.environ.get("PREFECT_API_URL")
     if not run_id or not api:
-        _engine()
+        return _engine()
     with httpx.Client(base_url=api.rstrip("/"), timeout=30) as client:
         try:
             run = client.get(f"/flow_runs/{run_id}").raise_for_status().json()
             action, line = decide(_run_root(run.get("parameters") or {}))
-            if action.kind != "none":
-                log.info("reconcile: %s; starting the flow", line)
-                _engine()
-            started = propose_state(client, run_id, "RUNNING")
+            started = action.kind == "none" and propose_state(client, run_id, "RUNNING")
         except Exception as exc:  # facts unreadable here: the engine's run decides and reports
             log.info("reconcile: quick check failed (%r); starting the flow", exc)
-            _engine()
-        if not started:  # the server did not let it start here; the engine knows what to do
-            log.info("reconcile: %s; the run did not start here, starting the flow", line)
-            _engine()
+            return _engine()
+        if not started:  # something to do, or the server did not let the run start here
+            log.info("reconcile: %s; starting the flow", line)
+            return _engine()
         # Running from here on: a failure below exits non-zero, and the worker marks the
         # run crashed (which also frees the deployment's slot).
         message = f"{line} (quick check; Prefect's engine not started)"
