@@ -100,6 +100,8 @@ VARIANTS: dict[str, list[str]] = {
     "best_fgm_reorder_hidden128": [*BEST_FGM_R, "model.hidden=128"],
     "best_fgm_reorder_stop_hr": [*BEST_FGM_R, "train.early_stop_metric=hr@10"],
     "best_fgm_reorder_dropout0.2": [*BEST_FGM_R, "model.dropout=0.2"],
+    "best_fgm_reorder_dropout0.4": [*BEST_FGM_R, "model.dropout=0.4"],
+    "best_fgm_reorder_eps16": [*BEST_FGM_R, "train.adversarial_eps=16.0"],
     "best_ema_crop0.3": [*BEST_EMA, "train.augment.crop_prob=0.3"],
     "best_ema_reorder0.2": [*BEST_EMA, "train.augment.reorder_prob=0.2"],
     "best_ema_hidden128_dropout0.5": [
