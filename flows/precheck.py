@@ -74,7 +74,7 @@ def main() -> None:
     """Entry point of the deployment's command: finish a no-op run here, else exec the engine."""
     import httpx
 
-    from services.prefect_rest import post_log, propose_state
+    from services.prefect_rest import post_log, propose_state, read_run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -83,7 +83,7 @@ def main() -> None:
         return _engine()
     with httpx.Client(base_url=api.rstrip("/"), timeout=30) as client:
         try:
-            run = client.get(f"/flow_runs/{run_id}").raise_for_status().json()
+            run = read_run(client, run_id)
             action, line = decide(_run_root(run.get("parameters") or {}))
             started = action.kind == "none" and propose_state(client, run_id, "RUNNING")
         except Exception as exc:  # facts unreadable here: the engine's run decides and reports

@@ -28,25 +28,63 @@ from pipelines.errors import AttnflowError
 FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "CRASHED"})
 
 
-def _checked(response: httpx.Response, what: str) -> Any:
-    if response.status_code >= 400:
-        raise AttnflowError(
-            f"{what}: Prefect answered {response.status_code}: {response.text[:300]}"
-        )
-    return response.json()
+# What Prefect's own client retries: the server is starting, busy or briefly overloaded
+# (a just-started server answered 503 to the demo's first run).
+RETRY_STATUS = frozenset({429, 502, 503, 504})
+RETRIES = 5
+
+
+def call(
+    client: httpx.Client,
+    method: str,
+    url: str,
+    what: str,
+    sleep: Callable[[float], None] = time.sleep,
+    **kwargs: Any,
+) -> Any:
+    """One API call, retried with backoff on a busy server or a dropped connection;
+    the JSON answer, or a one-line AttnflowError."""
+    delay = 1.0
+    for attempt in range(RETRIES + 1):
+        last = attempt == RETRIES
+        try:
+            response = client.request(method, url, **kwargs)
+        except httpx.TransportError as exc:
+            if last:
+                raise AttnflowError(f"{what}: Prefect unreachable: {exc}") from exc
+        else:
+            if response.status_code not in RETRY_STATUS or last:
+                if response.status_code >= 400:
+                    raise AttnflowError(
+                        f"{what}: Prefect answered {response.status_code}: {response.text[:300]}"
+                    )
+                return response.json()
+            delay = float(response.headers.get("Retry-After") or delay)
+        sleep(min(delay, 10.0))
+        delay *= 2
+    raise AssertionError("unreachable")
 
 
 def create_run(client: httpx.Client, name: str, parameters: dict[str, Any]) -> dict[str, Any]:
     """Create a scheduled flow run of the deployment `flow/deployment`; returns the run."""
     flow, _, deployment = name.partition("/")
-    dep = _checked(client.get(f"/deployments/name/{flow}/{deployment}"), f"deployment {name}")
-    return _checked(
-        client.post(
-            f"/deployments/{dep['id']}/create_flow_run",
-            json={"parameters": parameters, "state": {"type": "SCHEDULED"}},
-        ),
-        f"a run of {name}",
+    import uuid
+
+    dep = call(client, "GET", f"/deployments/name/{flow}/{deployment}", f"deployment {name}")
+    # the key makes a retried create return the run the first attempt may have made
+    body = {
+        "parameters": parameters,
+        "state": {"type": "SCHEDULED"},
+        "idempotency_key": str(uuid.uuid4()),
+    }
+    return call(
+        client, "POST", f"/deployments/{dep['id']}/create_flow_run", f"a run of {name}", json=body
     )
+
+
+def read_run(client: httpx.Client, run_id: str) -> dict[str, Any]:
+    """The flow run as the API gives it."""
+    return call(client, "GET", f"/flow_runs/{run_id}", f"flow run {run_id}")
 
 
 def wait_for_run(
@@ -59,7 +97,7 @@ def wait_for_run(
     """Read the flow run until its state is final (or `timeout_s` passes); returns it."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
-        run = _checked(client.get(f"/flow_runs/{run_id}"), f"flow run {run_id}")
+        run = read_run(client, run_id)
         if (run.get("state") or {}).get("type") in FINAL_STATES:
             return run
         if deadline is not None and time.monotonic() > deadline:
@@ -93,9 +131,12 @@ def propose_state(
     """
     state = {"type": state_type, "name": state_type.capitalize(), "message": message}
     for _ in range(10):
-        body = _checked(
-            client.post(f"/flow_runs/{run_id}/set_state", json={"state": state, "force": False}),
+        body = call(
+            client,
+            "POST",
+            f"/flow_runs/{run_id}/set_state",
             f"flow run {run_id} -> {state_type}",
+            json={"state": state, "force": False},
         )
         if body.get("status") != "WAIT":
             return body.get("status") == "ACCEPT"
@@ -114,4 +155,4 @@ def post_log(client: httpx.Client, run_id: str, message: str, level: int = 20) -
         "timestamp": datetime.now(UTC).isoformat(),
         "flow_run_id": run_id,
     }
-    _checked(client.post("/logs/", json=[line]), f"log of flow run {run_id}")
+    call(client, "POST", "/logs/", f"log of flow run {run_id}", json=[line])

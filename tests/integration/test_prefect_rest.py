@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import httpx
@@ -74,3 +75,40 @@ def test_waiting_ends_with_the_final_state_the_worker_reports(api):
 def test_an_unknown_deployment_is_a_one_line_error(api):
     with pytest.raises(AttnflowError, match="deployment nope/nope: Prefect answered 404"):
         run_deployment(api, "nope/nope", {})
+
+
+def test_a_busy_server_is_retried_and_a_retried_create_reuses_its_key(monkeypatch):
+    """A just-started Prefect answered 503 to the demo's first run: such answers are
+    retried (as Prefect's own client does), and every attempt to create the run carries
+    the same idempotency key, so a create the server did process is not made twice.
+    (A transport plays the busy server: a real one cannot be made to answer 503.)"""
+    answers = iter([503, 503, 200])
+    keys = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/deployments/name/retrain/retrain"):
+            return httpx.Response(200, json={"id": "d1"})
+        keys.append(json.loads(request.content)["idempotency_key"])
+        status = next(answers)
+        return httpx.Response(status, json={"id": "r1"} if status == 200 else {})
+
+    waits = []
+    client = httpx.Client(base_url="http://prefect/api", transport=httpx.MockTransport(handler))
+    import services.prefect_rest as rest
+
+    original = rest.call
+    monkeypatch.setattr(rest, "call", lambda *a, **k: original(*a, sleep=waits.append, **k))
+    assert create_run(client, "retrain/retrain", {})["id"] == "r1"
+    assert len(keys) == 3 and len(set(keys)) == 1
+    assert waits == [1.0, 2.0]
+
+
+def test_a_server_that_stays_busy_is_a_one_line_error():
+    client = httpx.Client(
+        base_url="http://prefect/api",
+        transport=httpx.MockTransport(lambda request: httpx.Response(503, text="busy")),
+    )
+    from services.prefect_rest import call
+
+    with pytest.raises(AttnflowError, match="Prefect answered 503: busy"):
+        call(client, "GET", "/flow_runs/x", "flow run x", sleep=lambda s: None)
