@@ -18,6 +18,7 @@ concurrency slot is released), with one log line beside it.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +33,14 @@ FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "CRASHED"})
 # (a just-started server answered 503 to the demo's first run).
 RETRY_STATUS = frozenset({429, 502, 503, 504})
 RETRIES = 5
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """The server's Retry-After in seconds (None when absent or given as a date)."""
+    try:
+        return float(response.headers["Retry-After"])
+    except (KeyError, ValueError):
+        return None
 
 
 def call(
@@ -59,7 +68,7 @@ def call(
                         f"{what}: Prefect answered {response.status_code}: {response.text[:300]}"
                     )
                 return response.json()
-            delay = float(response.headers.get("Retry-After") or delay)
+            delay = _retry_after(response) or delay
         sleep(min(delay, 10.0))
         delay *= 2
     raise AssertionError("unreachable")
@@ -68,8 +77,6 @@ def call(
 def create_run(client: httpx.Client, name: str, parameters: dict[str, Any]) -> dict[str, Any]:
     """Create a scheduled flow run of the deployment `flow/deployment`; returns the run."""
     flow, _, deployment = name.partition("/")
-    import uuid
-
     dep = call(client, "GET", f"/deployments/name/{flow}/{deployment}", f"deployment {name}")
     # the key makes a retried create return the run the first attempt may have made
     body = {
@@ -91,16 +98,12 @@ def wait_for_run(
     client: httpx.Client,
     run_id: str,
     poll_s: float = 1.0,
-    timeout_s: float | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> dict[str, Any]:
-    """Read the flow run until its state is final (or `timeout_s` passes); returns it."""
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    """Read the flow run until its state is final; returns it."""
     while True:
         run = read_run(client, run_id)
         if (run.get("state") or {}).get("type") in FINAL_STATES:
-            return run
-        if deadline is not None and time.monotonic() > deadline:
             return run
         sleep(poll_s)
 
