@@ -137,6 +137,17 @@ def venv_env(**extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.fixture(scope="session")
+def prefect_api_url() -> str:
+    """The API of Prefect's temporary server (the one its Python client starts in tests),
+    for tests that talk to it over REST."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    return server.api_url
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Stop Prefect's temporary server while pytest's streams are still open."""
     if "prefect.server.api.server" in sys.modules:

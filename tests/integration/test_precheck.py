@@ -17,13 +17,9 @@ class EngineStarted(Exception):
     """Stands in for `exec prefect.engine` (which would replace the test process)."""
 
 
-@pytest.fixture(scope="module")
-def api() -> str:
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
-    server.start()
-    return server.api_url
+@pytest.fixture
+def api(prefect_api_url: str) -> str:
+    return prefect_api_url
 
 
 @pytest.fixture

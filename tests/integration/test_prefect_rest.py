@@ -12,14 +12,9 @@ from pipelines.errors import AttnflowError
 from services.prefect_rest import create_run, run_deployment, wait_for_run
 
 
-@pytest.fixture(scope="module")
-def api() -> str:
-    """Prefect's temporary server (the one its Python client starts in tests)."""
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
-    server.start()
-    return server.api_url
+@pytest.fixture
+def api(prefect_api_url: str) -> str:
+    return prefect_api_url
 
 
 def _deployment(api: str, name: str, parameters: dict) -> None:
