@@ -102,6 +102,7 @@ VARIANTS: dict[str, list[str]] = {
     "best_fgm_reorder_dropout0.2": [*BEST_FGM_R, "model.dropout=0.2"],
     "best_fgm_reorder_dropout0.4": [*BEST_FGM_R, "model.dropout=0.4"],
     "best_fgm_reorder_eps16": [*BEST_FGM_R, "train.adversarial_eps=16.0"],
+    "best_fgm_reorder_refit": [*BEST_FGM_R, "train.refit_with_valid=true"],
     "best_ema_crop0.3": [*BEST_EMA, "train.augment.crop_prob=0.3"],
     "best_ema_reorder0.2": [*BEST_EMA, "train.augment.reorder_prob=0.2"],
     "best_ema_hidden128_dropout0.5": [
@@ -123,14 +124,14 @@ def run_variant(name: str, threads: int) -> dict:
     from pipelines.evaluate import evaluate_scores, negatives_for
     from pipelines.model import Recommender
     from pipelines.sequences import load_split
-    from pipelines.train import train_model
+    from pipelines.train import fit
 
     root = scratch_project("games", GAMES_SPLIT)
     overrides = [*games_overrides(), f"train.threads={threads}", *VARIANTS[name]]
     cfg = load_config(root / "params.yaml", overrides)
     data = load_split(root / cfg.paths.split_dir, cfg.model.time_buckets)
     t0 = time.perf_counter()
-    result = train_model(cfg, data, None, cache_dir=root / ".attnflow" / "cache")
+    result = fit(cfg, data, None, cache_dir=root / ".attnflow" / "cache")
     spec = result.encoder.spec
     report = evaluate_scores(
         Recommender(result.encoder).score,
@@ -148,6 +149,7 @@ def run_variant(name: str, threads: int) -> dict:
         "threads": threads,
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,
+        **({"refit_epochs": result.refit_epochs} if result.refit_epochs else {}),
         f"valid_sampled_{cfg.train.early_stop_metric}": round(result.best_metric, 4),
         "train_seconds": round(result.train_seconds, 1),
         "wall_seconds": round(time.perf_counter() - t0, 1),

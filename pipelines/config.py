@@ -301,6 +301,10 @@ class TrainConfig(Section):
     early_stop_metric: str = "ndcg@10"
     early_stop_protocol: Literal["full", "sampled"] = "full"
     patience: int = Field(5, ge=1)
+    # after early stopping, train again from scratch on train + validation events for the
+    # chosen number of epochs, replaying the run's learning-rate schedule, and export that
+    # model: the newest event of each user becomes a target too; the test events stay out
+    refit_with_valid: bool = False
     eval_users: int | None = Field(None, ge=1)  # validate on a fixed sample of users
     checkpoint_every_steps: int = Field(0, ge=0)  # 0: at epoch ends only
     compile: bool = False  # torch.compile on CUDA

@@ -23,7 +23,7 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ class TrainResult:
     resumed_from: dict[str, int] | None = None
     device: str = "cpu"
     world_size: int = 1
+    refit_epochs: int = 0  # epochs of the refit on train + validation (0: none)
 
     @property
     def sequences_per_s(self) -> float:
@@ -239,8 +240,13 @@ def train_model(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     on_step: Callable[[int, int], None] | None = None,
     progress: bool = False,
+    schedule: list[float] | None = None,
 ) -> TrainResult:
-    """Train on `data` with `cfg`; resumes from `checkpoint_dir` when it holds a checkpoint."""
+    """Train on `data` with `cfg`; resumes from `checkpoint_dir` when it holds a checkpoint.
+
+    With `schedule` (one learning-rate scale an epoch), train exactly that many epochs
+    without validating and return the last weights (their moving average with EMA).
+    """
     tcfg, mcfg = cfg.train, cfg.model
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
@@ -323,6 +329,7 @@ def train_model(
             lora.model.load_state_dict(saved["lora"], strict=False)
             lora.steps = saved["lora_steps"]
         start_epoch, start_step = saved["epoch"], saved["step"]
+        result.epochs_run = start_epoch
         result.history = saved["history"]
         result.best_epoch, result.best_metric = saved["best_epoch"], saved["best_metric"]
         result.train_seconds, result.sequences = saved["train_seconds"], saved["sequences"]
@@ -363,10 +370,16 @@ def train_model(
             state["lora_steps"] = lora.steps
         _save_checkpoint(ckpt_path, state)
 
-    stop = False
-    for epoch in range(start_epoch, tcfg.epochs):
+    n_epochs = len(schedule) if schedule is not None else tcfg.epochs
+    # a run resumed after its last epoch's checkpoint stops there, as it would have
+    stop = schedule is None and bad_epochs >= tcfg.patience
+    for epoch in range(start_epoch, n_epochs):
         if stop:
             break
+        if schedule is not None:  # replay: the scale the measured run trained this epoch at
+            lr_scale[0] = schedule[epoch]
+            for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+                group["lr"] = base * scheduler.lr_lambdas[0](scheduler.last_epoch)
         order_rng = np.random.default_rng([tcfg.seed, epoch])
         batches = length_bucketed_batches(lengths, tcfg.batch_size, order_rng, users=train_users)
         per_rank = len(batches) // world
@@ -389,7 +402,7 @@ def train_model(
 
             steps = tqdm(
                 steps,
-                desc=f"epoch {epoch + 1}/{tcfg.epochs}",
+                desc=f"epoch {epoch + 1}/{n_epochs}",
                 leave=False,
                 total=len(batches),
                 initial=first,
@@ -451,7 +464,7 @@ def train_model(
         if lora is not None:
             lora.refresh()
         row: dict[str, float] = {"epoch": epoch + 1, "loss": float(np.mean(losses or [0.0]))}
-        if (epoch + 1) % tcfg.eval_every == 0 or epoch + 1 == tcfg.epochs:
+        if schedule is None and ((epoch + 1) % tcfg.eval_every == 0 or epoch + 1 == n_epochs):
             decay = False
             if rank == 0:
                 if ema is not None:
@@ -484,9 +497,59 @@ def train_model(
         log.info(
             "epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in row.items() if k != "epoch"}
         )
-    if best_state is not None:
+    if schedule is not None and ema is not None:
+        _follow_buffers(ema, encoder)
+        encoder.load_state_dict(ema.state_dict())
+    elif best_state is not None:
         encoder.load_state_dict(best_state)
     result.encoder = encoder
+    return result
+
+
+def refit_data(data: SplitData) -> SplitData:
+    """`data` with each user's validation event moved into training (the test stays out)."""
+    return replace(data, train=data.history_test, history_valid=data.history_test)
+
+
+def refit_schedule(result: TrainResult) -> list[float]:
+    """The learning-rate scale each epoch up to the best one trained at in `result`."""
+    # a history row's lr_scale is set after that epoch's validation: it is the next
+    # epoch's scale
+    scales = [1.0] + [row.get("lr_scale", 1.0) for row in result.history]
+    return scales[: max(result.best_epoch, 1)]
+
+
+def fit(
+    cfg: Config,
+    data: SplitData,
+    checkpoint_dir: Path | None = None,
+    cache_dir: Path = Path(".attnflow/cache"),
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """`train_model`, then with `train.refit_with_valid` the refit on train + validation.
+
+    The result keeps the measured run's history, best epoch and validation score (the
+    refit cannot be validated: its training holds the validation events) with the
+    refit's weights; seconds and sequences count both trainings.
+    """
+    result = train_model(cfg, data, checkpoint_dir, cache_dir, on_epoch, progress=progress)
+    if not cfg.train.refit_with_valid:
+        return result
+    schedule = refit_schedule(result)
+    log.info("refit on train + validation events: %d epochs", len(schedule))
+    refit = train_model(
+        cfg,
+        refit_data(data),
+        checkpoint_dir / "refit" if checkpoint_dir else None,
+        cache_dir,
+        progress=progress,
+        schedule=schedule,
+    )
+    result.encoder = refit.encoder
+    result.train_seconds += refit.train_seconds
+    result.sequences += refit.sequences
+    result.refit_epochs = refit.epochs_run
     return result
 
 
@@ -687,7 +750,7 @@ def run(cfg: Config, root: Path = Path("."), progress: bool = False) -> dict[str
             run_file.parent.mkdir(parents=True, exist_ok=True)
             run_file.write_text(json.dumps({"run_id": run_id}))
     epochs = EpochLog(root, run_id) if run_id else None
-    result = train_model(
+    result = fit(
         cfg,
         data,
         ckpt_dir,
@@ -704,6 +767,7 @@ def run(cfg: Config, root: Path = Path("."), progress: bool = False) -> dict[str
         "best_metric": round(result.best_metric, 6),
         "early_stop_metric": cfg.train.early_stop_metric,
         "epochs_run": result.epochs_run,
+        "refit_epochs": result.refit_epochs,
         "train_seconds": round(result.train_seconds, 2),
         "sequences_per_s": round(result.sequences_per_s, 1),
         "device": result.device,
