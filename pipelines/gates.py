@@ -170,10 +170,10 @@ def run_gates(
     cand = evaluate_scores(split_score_fn(candidate, data), **common).full[metric]
     result.metrics[f"candidate_{metric}"] = cand
     best_base, best_name = 0.0, None
+    # as in the evaluate stage: baselines learn from the events the candidate learned from
+    seen = data.history_test if cfg.train.refit_with_valid else data.train
     for name in g.baselines:
-        value = evaluate_scores(fit_baseline(name, data.train, data.n_items).score, **common).full[
-            metric
-        ]
+        value = evaluate_scores(fit_baseline(name, seen, data.n_items).score, **common).full[metric]
         result.metrics[f"baseline_{name}_{metric}"] = value
         if value >= best_base:
             best_base, best_name = value, name

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
+import pytest
 import torch
 
+from pipelines import evaluate, train
+from pipelines.baselines import MostPopular
+from pipelines.evaluate import evaluate_scores, negatives_for
 from pipelines.sequences import load_split
 from pipelines.train import fit, refit_data, refit_schedule, train_model
 from tests.model.conftest import small_config
@@ -78,3 +84,38 @@ def test_resuming_an_early_stopped_run_trains_no_further(synth_split, tmp_path):
     again = train_model(cfg, data, tmp_path)
     assert again.epochs_run == first.epochs_run
     assert _same_weights(again.encoder, first.encoder)
+
+
+def test_refit_stages_record_it_and_fit_baselines_on_the_same_events(
+    synth_split, tmp_path, monkeypatch
+):
+    shutil.copytree(synth_split, tmp_path / "data" / "split")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("ATTNFLOW_MLFLOW_ARTIFACTS", (tmp_path / "artifacts").as_uri())
+    cfg = small_config(
+        **{"train.epochs": 2, "ingest.dataset": "synthetic", "train.refit_with_valid": "true"}
+    )
+    summary = train.run(cfg, tmp_path)
+    assert summary["refit_epochs"] == summary["best_epoch"] >= 1
+    report = evaluate.run(cfg, tmp_path)
+    data = load_split(tmp_path / "data" / "split")
+    args = dict(
+        data=data,
+        which="test",
+        ks=cfg.evaluate.ks,
+        max_len=10**6,
+        weight_buckets_n=cfg.model.weight_buckets,
+        negatives=negatives_for(data, "test", cfg.evaluate.sampled_negatives, cfg.evaluate.seed),
+    )
+    with_valid = evaluate_scores(MostPopular(data.history_test, data.n_items).score, **args).full
+    train_only = evaluate_scores(MostPopular(data.train, data.n_items).score, **args).full
+    # the comparisons below can tell the two apart
+    assert with_valid["ndcg@10"] != pytest.approx(train_only["ndcg@10"])
+    assert report["baselines"]["most_popular"]["full"] == pytest.approx(with_valid)
+    # the registration gate compares the candidate with the same baselines
+    from pipelines.gates import run_gates
+    from pipelines.inference import ServedModel
+
+    gates = run_gates(cfg, ServedModel.load(tmp_path / cfg.paths.model_dir), data, None)
+    metric = cfg.gates.metric
+    assert gates.metrics[f"baseline_most_popular_{metric}"] == pytest.approx(with_valid[metric])
