@@ -14,7 +14,9 @@ Warm stages (the default): DVC's Python API decides, restores and records each s
 in this flow's process, and an `attnflow <stage>` command runs as the function it
 calls, so torch, transformers, MLflow and DVC are imported once per flow run instead
 of once per stage; the data push goes through the same API (`warm=False`: one `dvc`
-process per stage and for the push, as on the command line).
+process per stage and for the push, as on the command line). Under `attnflow up` the
+deployment's runs are forked from a standby that has imported them already
+(services/warmstart.py), so a run imports them not even once.
 
 The `train` stage goes to the `gpu` work pool when a worker is online there (the
 `train-gpu` deployment) and runs here, on the `cpu` pool's worker, otherwise; the

@@ -375,6 +375,10 @@ class ServeConfig(Section):
     # rollout's challenger (or a new champion) takes over in about a second instead of
     # a cold start's ten or more; false: every model service starts cold.
     warm_spare: bool = True
+    # `attnflow up` keeps a standby with torch, transformers, MLflow and DVC imported, from
+    # which each retrain flow run is forked (services/warmstart.py): the run skips about
+    # 7 s of imports; false: every run starts a cold interpreter.
+    warm_start: bool = True
 
 
 class RolloutConfig(Section):

@@ -43,6 +43,7 @@ from services.launch import (
     start_model_service,
     start_spare_service,
 )
+from services.warmstart import SOCKET_ENV, socket_path
 
 log = logging.getLogger(__name__)
 
@@ -565,6 +566,8 @@ class LocalStack(Stack):
             self._cli(
                 "--no-prompt", "deploy", "--all", "--prefect-file", str(self.root / "prefect.yaml")
             )
+        # retrain runs are forked from the standby when there is one (see prefect.yaml)
+        warm = {SOCKET_ENV: str(self.ensure_warm_start(env, progress))} if s.warm_start else {}
         if not self._running("worker-cpu"):
             for run in self.crash_orphaned_runs():
                 progress(f"marked flow run {run} crashed: the worker that ran it is gone")
@@ -593,6 +596,7 @@ class LocalStack(Stack):
                     "PREFECT_WORKER_QUERY_SECONDS": "2",
                     "PREFECT_LOGGING_EXTRA_LOGGERS": "pipelines,services",
                     **env,
+                    **warm,
                     "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
                 },
             )
@@ -617,6 +621,23 @@ class LocalStack(Stack):
             register_webhook(self.root, urls["webhook"], env["ATTNFLOW_WEBHOOK_SECRET"])
         self.ensure_serving(progress)
         return urls
+
+    def ensure_warm_start(self, env: dict[str, str], progress=lambda msg: None) -> Path:
+        """The warm-start standby (services/warmstart.py), started if it is not running;
+        its socket. It has the worker's environment, so what it imports sees the same."""
+        sock = socket_path(self.run_dir)
+        if not self._running("warmstart"):
+            progress("starting the warm-start standby for retrain runs")
+            self.spawn_component(
+                "warmstart",
+                [python(), "-m", "services.warmstart", "serve", "--socket", str(sock)],
+                0,
+                env={
+                    **env,
+                    "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+                },
+            )
+        return sock
 
     def crash_orphaned_runs(self, pool: str = "cpu") -> list[str]:
         """Mark `pool`'s flow runs Crashed whose process died with its worker; their names.

@@ -219,3 +219,6 @@ def test_retrain_deployment_on_postgres_and_s3_serves_then_rolls_out(scaled):
         timeout=30,
     )
     assert r.status_code == 200 and r.json()["model_version"] == "2"
+    # both runs were forked from the warm-start standby (prefect.yaml's front), not cold
+    standby_log = Path(stack.component("warmstart")["log"]).read_text()
+    assert standby_log.count("prefect.engine -> pid") == 2, standby_log

@@ -1,0 +1,36 @@
+"""A module the warm-start tests run through the standby: reports what it was given."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+if __name__ == "__main__":
+    preloaded = "xml.dom.minidom" in sys.modules  # before this module imports anything
+    if sys.argv[1:2] == ["sleep"]:
+        marker = sys.argv[2]
+
+        def on_term(signum, _frame):
+            with open(marker, "w") as f:
+                f.write(str(signum))
+            sys.exit(143)
+
+        signal.signal(signal.SIGTERM, on_term)
+        print(json.dumps({"pid": os.getpid()}), flush=True)
+        time.sleep(60)
+        sys.exit(0)
+    print(
+        json.dumps(
+            {
+                "cwd": os.getcwd(),
+                "env": os.environ.get("WARM_TEST_VALUE"),
+                "argv": sys.argv[1:],
+                "ppid": os.getppid(),
+                "preloaded": preloaded,
+            }
+        )
+    )
+    sys.exit(3)

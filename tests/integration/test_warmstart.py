@@ -1,0 +1,118 @@
+"""Warm starts (services/warmstart.py): a real standby process forks each run; the front
+hands over arguments, environment, folder and streams, relays signals and reports the
+child's exit status; a front killed outright takes its run with it; without a standby
+the front starts the module cold."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from services.launch import REPO
+from services.warmstart import SOCKET_ENV, socket_path
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="fork and AF_UNIX: Linux only")
+TARGET = "tests.integration._warm_target"
+
+
+@pytest.fixture
+def standby(tmp_path):
+    """A standby that preloads one light module (the heavy default list is for the stack)."""
+    sock = socket_path(tmp_path)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "services.warmstart",
+            "serve",
+            "--socket",
+            str(sock),
+            "--preload",
+            "xml.dom.minidom",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    ready = proc.stdout.readline()
+    assert "ready" in ready, ready
+    yield proc, sock
+    proc.terminate()
+    proc.wait(10)
+    assert not sock.exists()  # the standby removes its socket on the way out
+
+
+def _front(sock: Path | None, cwd: Path, *args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "WARM_TEST_VALUE": "42", "PYTHONPATH": str(REPO)}
+    env.pop(SOCKET_ENV, None)
+    if sock is not None:
+        env[SOCKET_ENV] = str(sock)
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.warmstart", "run", TARGET, *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+def test_a_run_is_a_child_of_the_standby_with_the_fronts_world(standby, tmp_path):
+    proc, sock = standby
+    front = _front(sock, tmp_path, "a", "--b")
+    out, err = front.communicate(timeout=30)
+    assert front.returncode == 3, err  # the child's exit status
+    seen = json.loads(out)
+    assert seen["ppid"] == proc.pid  # forked by the standby, not started cold
+    assert seen["preloaded"] is True  # with the standby's imports already done
+    assert seen["cwd"] == str(tmp_path)
+    assert seen["env"] == "42"
+    assert seen["argv"] == ["a", "--b"]
+    # the standby keeps serving: a second run works the same
+    again = _front(sock, tmp_path)
+    out, _ = again.communicate(timeout=30)
+    assert again.returncode == 3 and json.loads(out)["ppid"] == proc.pid
+
+
+def test_sigterm_to_the_front_reaches_the_run(standby, tmp_path):
+    _, sock = standby
+    marker = tmp_path / "got-signal"
+    front = _front(sock, tmp_path, "sleep", str(marker))
+    json.loads(front.stdout.readline())
+    front.send_signal(signal.SIGTERM)
+    front.wait(30)
+    assert front.returncode == 143
+    assert marker.read_text() == str(int(signal.SIGTERM))
+
+
+def test_a_front_killed_outright_takes_its_run_with_it(standby, tmp_path):
+    _, sock = standby
+    front = _front(sock, tmp_path, "sleep", str(tmp_path / "unused"))
+    child = json.loads(front.stdout.readline())["pid"]
+    assert psutil.pid_exists(child)
+    front.kill()
+    front.wait(10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and psutil.pid_exists(child):
+        time.sleep(0.1)
+    assert not psutil.pid_exists(child)
+
+
+def test_without_a_standby_the_front_starts_the_module_cold(tmp_path):
+    for sock in (None, tmp_path / "nobody-listens.sock"):
+        front = _front(sock, tmp_path, "x")
+        out, err = front.communicate(timeout=60)
+        assert front.returncode == 3, err
+        seen = json.loads(out)
+        assert seen["ppid"] == os.getpid()  # exec: the front itself became the run
+        assert seen["preloaded"] is False and seen["argv"] == ["x"] and seen["env"] == "42"
