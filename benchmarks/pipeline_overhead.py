@@ -162,7 +162,9 @@ class CpuSampler:
     once it reaps them) and its live descendants', stopping at another component. The
     worker's share is split into the `retrain` flow run (the engine process under it at
     normal priority, where training runs; last seen by a poll every `every` seconds, one
-    `/proc` scan each) and the niced runs (reconcile, drift-check): the rest.
+    `/proc` scan each) and the niced runs (reconcile, drift-check): the rest. With a
+    warm start the run is a child of the standby (its front, under the worker, uses
+    next to nothing): the standby's share is counted as the run's.
     """
 
     def __init__(self, root: Path, every: float = 2.0):
@@ -249,10 +251,11 @@ class CpuSampler:
             label = name if was == name else f"{was} -> {name}"
             out[label] = out.get(label, 0.0) + cpu - before
         worker = next(k for k in out if k.startswith("worker"))
-        flow = sum(self.flow_runs.values())
-        out["retrain flow run"] = flow
+        flow = sum(self.flow_runs.values())  # with a warm start: the front only
         niced = f"{worker}: niced runs (reconcile, drift-check) and the worker"
         out[niced] = out.pop(worker) - flow
+        # the warm-start standby forks retrain runs only: its share is the run's
+        out["retrain flow run"] = flow + out.pop("warmstart", 0.0)
         return {k: round(v, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
 

@@ -105,7 +105,13 @@ def test_worker_killed_mid_train_then_rerun_completes_from_persisted_results(pla
     split = (clone / "reports/split.json").read_text()
     worker = stack.component("worker-cpu")
     killed = _kill_tree(worker["pid"])
-    assert len(killed) >= 2  # the worker and the flow run (training runs inside it, warm)
+    assert len(killed) >= 2  # the worker and the flow run's front
+    # the run itself was forked from the warm-start standby, and dies with its front
+    standby_log = Path(stack.component("warmstart")["log"])
+    deadline = time.monotonic() + 10
+    while "is gone; killing it" not in standby_log.read_text():
+        assert time.monotonic() < deadline, "the standby did not stop the orphaned run"
+        time.sleep(0.2)
     assert not (clone / "reports/train.json").exists()  # training had not finished
 
     with prefect_api(), get_client(sync_client=True) as client:
