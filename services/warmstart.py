@@ -2,9 +2,9 @@
 
 Prefect's process worker starts a new interpreter for every flow run. Before a retrain
 can train, that interpreter has to import torch, transformers, MLflow, DVC and pandas:
-about 7 s on this kind of machine, every run. `attnflow up` starts a *standby* from
-this module (`serve`): one process that imports those libraries and then waits on a
-Unix socket. The retrain deployment's command (prefect.yaml) is the *front*,
+about 7 s on this kind of machine, every run (and 3 s more for Great Expectations when
+the data changed). `attnflow up` starts a *standby* from this module (`serve`): one
+process that imports those libraries and then waits on a Unix socket. The retrain deployment's command (prefect.yaml) is the *front*,
 `python -m services.warmstart run prefect.engine`: it connects, hands over its
 arguments, environment, working directory and standard streams, and the standby
 forks a child that runs the module with everything already imported. The front relays
@@ -47,9 +47,11 @@ PRELOAD = (
     "torch._dynamo",  # imported by the first torch optimizer: 1-2 s on its own
     "transformers",
     "transformers.models.gpt2.modeling_gpt2",
+    "transformers.models.bert.modeling_bert",  # the masked objective and MiniLM text
     "mlflow",
     "mlflow.pyfunc",
     "dvc.repo",
+    "great_expectations",  # the validate stage, whenever the data changed
     "pandas",
     "pyarrow.parquet",
     "scipy.sparse",
