@@ -119,17 +119,24 @@ def evaluate_scores(
 
 
 def segments(
-    result: EvalResult, data: SplitData, which: str, cfg: EvaluateConfig, metric: str = "ndcg@10"
+    result: EvalResult,
+    data: SplitData,
+    which: str,
+    cfg: EvaluateConfig,
+    learned: Sequences | None = None,
 ) -> dict[str, dict[str, float]]:
     """Metrics by history length bucket and by how cold the target item is.
 
     Full-ranking HR@10 / NDCG@10 per segment, and the sampled protocol's beside them
-    (`sampled_hr@10`, ...) when `result` has sampled ranks. "unseen target" is the part
-    of the cold segment that training never saw: an id-only model cannot rank those.
+    (`sampled_hr@10`, ...) when `result` has sampled ranks. How cold a target is counts
+    its events in `learned`, the events the model learned from (default: `data.train`;
+    after a refit, `data.history_test`). "unseen target" is the part of the cold segment
+    that training never saw: an id-only model cannot rank those.
     """
     seqs, targets = split_targets(data, which)
     lengths = seqs.lengths()[result.users]
-    train_counts = np.bincount(data.train.items, minlength=data.n_catalog + 2)
+    learned = data.train if learned is None else learned
+    train_counts = np.bincount(learned.items, minlength=data.n_catalog + 2)
     seen = train_counts[targets[result.users]]
     edges = [0, *cfg.history_buckets, np.inf]
     groups: list[tuple[str, np.ndarray]] = []
@@ -191,9 +198,12 @@ def run(cfg: Config, root: Path = Path(".")) -> dict[str, Any]:
         negatives=negatives,
     )
     model_result = evaluate_scores(model_score_fn(rec), mask_token=mask, **common)
+    # what the model learned from: with a refit, each user's validation event too; the
+    # baselines learn from the same events and the cold segments count in them
+    seen = data.history_test if cfg.train.refit_with_valid else data.train
     report: dict[str, Any] = {
         "model": {"full": model_result.full, "sampled": model_result.sampled},
-        "segments": segments(model_result, data, "test", ecfg),
+        "segments": segments(model_result, data, "test", ecfg, learned=seen),
         "baselines": {},
         "protocol": {
             "split": "test (leave-one-out: each user's last event)",
@@ -202,9 +212,6 @@ def run(cfg: Config, root: Path = Path(".")) -> dict[str, Any]:
             "sampled": f"target vs {ecfg.sampled_negatives} uniform unseen items, seed {ecfg.seed}",
         },
     }
-    # the baselines learn from the events the model learned from (with a refit, those
-    # include each user's validation event)
-    seen = data.history_test if cfg.train.refit_with_valid else data.train
     for name in ecfg.baselines:
         base = fit_baseline(name, seen, data.n_items)
         res = evaluate_scores(base.score, **{**common, "max_len": 10**6})

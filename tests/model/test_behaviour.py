@@ -188,6 +188,13 @@ def test_segments_split_out_unseen_targets_and_report_both_protocols():
         "sampled_ndcg@10": round(1 / np.log2(3), 5),
     }
     assert (seg["history 1-2"]["users"], seg["history >2"]["users"]) == (1, 2)
+    # after a refit the model also learned from the validation events: item 9 is not
+    # unseen any more once it is among them, and item 1 (now 3 events) turns warm
+    learned = _seqs([[1, 2, 3, 9], [2, 3, 4, 5, 1], [1, 2]])
+    refit = segments(result, data, "test", cfg, learned=learned)
+    assert "unseen target (0 in train)" not in refit
+    assert refit["cold target (<= 2 in train)"]["users"] == 1  # item 9, once
+    assert refit["warm target"]["users"] == 2
 
 
 def test_augmentation_and_adversarial_training_run_and_learn(synth_split):
