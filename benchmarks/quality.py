@@ -4,9 +4,10 @@
         SASRec protocol on games: test NDCG@10 / HR@10 against 100 sampled negatives
         (targets: >= 0.55 / >= 0.76; the SASRec paper: 0.5360 / 0.7410), the
         full-ranking numbers beside them, and the training time on this machine. It
-        trains with the best settings the ablation found (games_ablation.BEST_FGM:
+        trains with the best settings the ablation found (games_ablation.BEST_GAMES:
         masking and substitution, 256 negatives, plateau decay, weight averaging, FGM
-        at 8); `--set` adds or overrides settings after them.
+        at 8, reordering, and a refit on train + validation to the best epoch);
+        `--set` adds or overrides settings after them.
 
     python benchmarks/quality.py --dataset ml-latest-small
         Full-ranking NDCG@10 / HR@10 of the model without and with MiniLM text fusion,
@@ -36,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import GAMES_SPLIT, games_overrides, scratch_project  # noqa: E402
-from benchmarks.games_ablation import BEST_FGM  # noqa: E402
+from benchmarks.games_ablation import BEST_GAMES  # noqa: E402
 from pipelines import evaluate, train  # noqa: E402
 from pipelines.config import Config, load_config  # noqa: E402
 
@@ -85,7 +86,7 @@ def _run(root: Path, overrides: list[str], evaluate_only: bool = False) -> dict:
 
 def games(extra: list[str], evaluate_only: bool = False) -> dict:
     root = scratch_project("games", GAMES_SPLIT)
-    run = _run(root, games_overrides() + BEST_FGM + extra, evaluate_only)
+    run = _run(root, games_overrides() + BEST_GAMES + extra, evaluate_only)
     if evaluate_only:
         run["evaluated_again"] = True
         previous = _previous("games")
