@@ -13,8 +13,9 @@ signals to the child and exits with the child's status, so the worker sees an or
 process: cancelling it reaches the run, and a front killed outright takes the child
 with it (the standby kills a child whose front is gone).
 
-Without a standby (the stack is down, the socket is missing, not Linux, or
-`ATTNFLOW_WARMSTART=0`) the front `exec`s the module as the worker would have.
+Without a standby (the stack is down, the socket is missing, the standby died before
+forking the run, not Linux, or `ATTNFLOW_WARMSTART=0`) the front `exec`s the module as
+the worker would have. A run started while the standby is still importing waits for it.
 
 Why forking is safe here: the standby imports no attnflow code (a run always sees the
 code as it is now) and not Prefect (its settings come from the environment at import
@@ -92,10 +93,17 @@ def run(module: str, args: list[str]) -> int:
     request = json.dumps(
         {"module": module, "args": args, "env": dict(os.environ), "cwd": os.getcwd()}
     ).encode()
-    socket.send_fds(sock, [_HEADER.pack(len(request))], [0, 1, 2])
-    sock.sendall(request)
     reader = sock.makefile("r")
-    child = int(json.loads(reader.readline())["pid"])
+    try:
+        socket.send_fds(sock, [_HEADER.pack(len(request))], [0, 1, 2])
+        sock.sendall(request)
+        first = reader.readline()
+    except OSError:  # reset: the standby died while this request waited in its backlog
+        first = ""
+    if not first:  # no child was forked for this run: start it cold
+        sock.close()
+        _exec(module, args)
+    child = int(json.loads(first)["pid"])
 
     def relay(signum: int, _frame: object) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -298,6 +306,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "run":
         sys.exit(run(args.module, args.args))
     t0 = time.perf_counter()
+    # Listening before the imports: a run started meanwhile (the first retrain right
+    # after `attnflow up`) waits in the backlog for the imports it would otherwise
+    # repeat cold, and is forked as soon as they are done.
+    standby = Standby(args.socket)
     failed = preload([m for m in args.preload.split(",") if m])
     if threading.active_count() != 1:  # forking a process with threads is not safe
         sys.exit(f"warmstart: the imports started {threading.active_count() - 1} thread(s)")
@@ -305,7 +317,6 @@ def main(argv: list[str] | None = None) -> None:
 
     gc.collect()
     gc.freeze()  # the children's collections leave the preloaded objects (and their pages) alone
-    standby = Standby(args.socket)
     print(
         f"warmstart: ready on {args.socket} after {time.perf_counter() - t0:.1f}s of imports"
         + (f"; not preloaded: {', '.join(failed)}" if failed else ""),

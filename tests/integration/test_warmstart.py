@@ -116,3 +116,57 @@ def test_without_a_standby_the_front_starts_the_module_cold(tmp_path):
         seen = json.loads(out)
         assert seen["ppid"] == os.getpid()  # exec: the front itself became the run
         assert seen["preloaded"] is False and seen["argv"] == ["x"] and seen["env"] == "42"
+
+
+def _slow_standby(tmp_path: Path, body: str) -> tuple[subprocess.Popen, Path]:
+    """A standby whose imports take a while (a module on its path that runs `body`)."""
+    (tmp_path / "slow_import.py").write_text(body)
+    sock = socket_path(tmp_path)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "services.warmstart",
+            "serve",
+            "--socket",
+            str(sock),
+            "--preload",
+            "slow_import,xml.dom.minidom",
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(tmp_path)])},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not sock.exists():  # listening already, importing still
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    return proc, sock
+
+
+def test_a_run_started_while_the_standby_imports_waits_for_it(tmp_path):
+    body = "import pathlib, time\ntime.sleep(3)\npathlib.Path(__file__).with_name('done').touch()\n"
+    proc, sock = _slow_standby(tmp_path, body)
+    try:
+        assert not (tmp_path / "done").exists()  # the front starts while the standby imports
+        front = _front(sock, tmp_path, "early")
+        out, err = front.communicate(timeout=60)
+        assert "ready" in proc.stdout.readline()  # the run was started before this
+        assert front.returncode == 3, err
+        seen = json.loads(out)
+        assert seen["ppid"] == proc.pid and seen["preloaded"] is True  # forked, not cold
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_a_standby_that_dies_while_importing_leaves_its_waiting_runs_to_start_cold(tmp_path):
+    proc, sock = _slow_standby(tmp_path, "import os, time\ntime.sleep(2)\nos._exit(1)\n")
+    front = _front(sock, tmp_path, "orphan")
+    out, err = front.communicate(timeout=60)
+    assert proc.wait(10) == 1
+    assert front.returncode == 3, err
+    seen = json.loads(out)
+    assert seen["ppid"] == os.getpid() and seen["preloaded"] is False  # exec'd by the front
