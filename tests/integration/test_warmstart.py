@@ -23,26 +23,24 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="fork and AF_UNI
 TARGET = "tests.integration._warm_target"
 
 
-@pytest.fixture
-def standby(tmp_path):
-    """A standby that preloads one light module (the heavy default list is for the stack)."""
-    sock = socket_path(tmp_path)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "services.warmstart",
-            "serve",
-            "--socket",
-            str(sock),
-            "--preload",
-            "xml.dom.minidom",
-        ],
+def _start_standby(sock: Path, preload: str, path: Path | None = None) -> subprocess.Popen:
+    """`python -m services.warmstart serve` preloading `preload`, with `path` on its path."""
+    serve = ["serve", "--socket", str(sock), "--preload", preload]
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.warmstart", *serve],
         cwd=REPO,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in (REPO, path) if p)},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+@pytest.fixture
+def standby(tmp_path):
+    """A standby that preloads one light module (the heavy default list is for the stack)."""
+    sock = socket_path(tmp_path)
+    proc = _start_standby(sock, "xml.dom.minidom")
     ready = proc.stdout.readline()
     assert "ready" in ready, ready
     yield proc, sock
@@ -122,23 +120,7 @@ def _slow_standby(tmp_path: Path, body: str) -> tuple[subprocess.Popen, Path]:
     """A standby whose imports take a while (a module on its path that runs `body`)."""
     (tmp_path / "slow_import.py").write_text(body)
     sock = socket_path(tmp_path)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "services.warmstart",
-            "serve",
-            "--socket",
-            str(sock),
-            "--preload",
-            "slow_import,xml.dom.minidom",
-        ],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(tmp_path)])},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = _start_standby(sock, "slow_import,xml.dom.minidom", tmp_path)
     deadline = time.monotonic() + 30
     while not sock.exists():  # listening already, importing still
         assert time.monotonic() < deadline and proc.poll() is None
