@@ -396,7 +396,9 @@ def _print_status(stack, urls: dict[str, str]) -> None:
     for r in rows:
         state = "up" if r["alive"] else "DOWN"
         extra = f" v{r['version']}" if r.get("version") else ""
-        typer.echo(f"  {r['name']:<18} {state:<5} pid {r['pid']:<7} {r['url']}{extra}")
+        # the worker and the warm-start standby listen on no port: no URL to show
+        where = "(no port)" if r["url"].endswith(":0") else r["url"]
+        typer.echo(f"  {r['name']:<18} {state:<5} pid {r['pid']:<7} {where}{extra}")
     typer.echo(f"\n  MLflow UI    {urls['mlflow']}")
     typer.echo(f"  Prefect UI   {urls['prefect']}")
     typer.echo(f"  gateway      {urls['gateway']}/recommend  (metrics: {urls['gateway']}/metrics)")

@@ -181,3 +181,30 @@ def test_bad_event_log_stops_the_line_before_split(project):
     assert not (project / "reports" / "validate.json").exists()
     assert not (project / "data" / "reference").exists()  # nothing accepted
     assert not (project / "data" / "split").exists()
+
+
+def test_status_lists_each_component_and_exits_non_zero_when_one_is_down(project):
+    """`attnflow status` reads the stack's record: processes without a port show no URL."""
+    import json
+
+    import psutil
+
+    dead = max(psutil.pids()) + 100_000  # no process has this pid
+    run_dir = project / ".attnflow" / "run"
+    run_dir.mkdir(parents=True)
+    components = {
+        "mlflow": {"pid": os.getpid(), "url": "http://127.0.0.1:5000"},
+        "worker-cpu": {"pid": os.getpid(), "url": "http://127.0.0.1:0"},
+    }
+    (run_dir / "stack.json").write_text(json.dumps({"components": components, "models": {}}))
+    proc = run_cli("status", cwd=project)
+    assert proc.returncode == 0, proc.stderr
+    rows = {ln.split()[0]: ln for ln in proc.stdout.splitlines() if " pid " in ln}
+    assert rows["mlflow"].split()[1] == "up" and rows["mlflow"].endswith("http://127.0.0.1:5000")
+    assert rows["worker-cpu"].endswith("(no port)")
+
+    components["gateway"] = {"pid": dead, "url": "http://127.0.0.1:8080"}
+    (run_dir / "stack.json").write_text(json.dumps({"components": components, "models": {}}))
+    proc = run_cli("status", cwd=project)
+    assert proc.returncode == 1
+    assert "gateway            DOWN" in proc.stdout
