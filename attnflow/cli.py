@@ -397,7 +397,7 @@ def _print_status(stack, urls: dict[str, str]) -> None:
         state = "up" if r["alive"] else "DOWN"
         extra = f" v{r['version']}" if r.get("version") else ""
         # the worker and the warm-start standby listen on no port: no URL to show
-        where = "(no port)" if r["url"].endswith(":0") else r["url"]
+        where = r["url"] if r.get("port") else "(no port)"
         typer.echo(f"  {r['name']:<18} {state:<5} pid {r['pid']:<7} {where}{extra}")
     typer.echo(f"\n  MLflow UI    {urls['mlflow']}")
     typer.echo(f"  Prefect UI   {urls['prefect']}")

@@ -193,8 +193,8 @@ def test_status_lists_each_component_and_exits_non_zero_when_one_is_down(project
     run_dir = project / ".attnflow" / "run"
     run_dir.mkdir(parents=True)
     components = {
-        "mlflow": {"pid": os.getpid(), "url": "http://127.0.0.1:5000"},
-        "worker-cpu": {"pid": os.getpid(), "url": "http://127.0.0.1:0"},
+        "mlflow": {"pid": os.getpid(), "url": "http://127.0.0.1:5000", "port": 5000},
+        "worker-cpu": {"pid": os.getpid(), "url": "http://127.0.0.1:0", "port": 0},
     }
     (run_dir / "stack.json").write_text(json.dumps({"components": components, "models": {}}))
     proc = run_cli("status", cwd=project)
@@ -203,7 +203,7 @@ def test_status_lists_each_component_and_exits_non_zero_when_one_is_down(project
     assert rows["mlflow"].split()[1] == "up" and rows["mlflow"].endswith("http://127.0.0.1:5000")
     assert rows["worker-cpu"].endswith("(no port)")
 
-    components["gateway"] = {"pid": dead, "url": "http://127.0.0.1:8080"}
+    components["gateway"] = {"pid": dead, "url": "http://127.0.0.1:8080", "port": 8080}
     (run_dir / "stack.json").write_text(json.dumps({"components": components, "models": {}}))
     proc = run_cli("status", cwd=project)
     assert proc.returncode == 1
