@@ -153,17 +153,35 @@ def run_train(root: str, warm: bool = True) -> dict[str, Any]:
     return {**dvc_stage("train", root, warm), "pool": "cpu"}
 
 
-@task(name="register", retries=2, retry_delay_seconds=[5, 20])
+@task(
+    name="register",
+    retries=2,
+    retry_delay_seconds=[5, 20],
+    # A model that failed its gates fails them again: only an unreachable registry is
+    # worth another attempt.
+    retry_condition_fn=retry_on_transient,
+)
 def register_task(root: str) -> dict[str, Any]:
-    """Register and gate the trained model (once per training run)."""
+    """Register and gate the trained model (once per training run).
+
+    A training run registered before is not registered again; if its version failed
+    its gates then and ops gave it no alias since, this fails the same way (a re-run
+    does not turn a rejected model into a completed retrain).
+    """
     import json
 
     from pipelines.config import load_config
+    from pipelines.gates import GateFailed
     from pipelines.registry import register_candidate, registered_version_of_run
 
     cfg = load_config(Path(root) / "params.yaml")
     trained = json.loads((Path(root) / cfg.paths.reports_dir / "train.json").read_text())
     existing = registered_version_of_run(trained["mlflow_run_id"], Path(root))
+    if existing and existing.get("gate_passed") == "false" and not existing.get("alias"):
+        raise GateFailed(
+            f"version {existing['version']} (run {trained['mlflow_run_id']}) failed its gates "
+            "when it was registered; train another model to go on"
+        )
     if existing is not None:
         get_run_logger().info(
             "run %s is already registered as v%s", trained["mlflow_run_id"], existing["version"]

@@ -22,6 +22,9 @@ def clone(tmp_path_factory, mirror) -> Path:
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["train"].update(epochs=2, patience=2)
     params["model"].update(max_len=50)
+    # two epochs need not beat the most-popular baseline: no baseline gate here, the
+    # gate-failure test sets its own
+    params["gates"].update(baselines=[])
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return root
 
@@ -153,3 +156,35 @@ def test_train_stage_under_torchrun_ddp_then_recorded_by_dvc(clone):
     assert "up to date" in dvc("status", "train", cwd=clone).stdout
     again = repro_distributed("train", clone, 2)
     assert not again["ran"]
+
+
+def test_a_model_that_fails_its_gates_fails_the_retrain_without_a_retry(clone):
+    """A gate failure is final: not retried (it would fail the same way), and a re-run
+    with nothing changed fails the same way without training again."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.retrain import retrain
+    from pipelines.gates import GateFailed
+
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["validate"]["rating_max"] = 5.0  # undo the rejected-data test's change
+    params["train"]["seed"] = 12  # a new model
+    params["gates"].update(baselines=["most_popular"], min_lift_vs_baseline=100.0)
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    state = retrain(root=str(clone), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(GateFailed, match="does not beat most_popular"):
+        state.result()
+    with get_client(sync_client=True) as client:
+        tasks = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    register = [t for t in tasks if t.name.startswith("register")]
+    assert [t.run_count for t in register] == [1]
+
+    with pytest.raises(GateFailed, match="failed its gates when it was registered"):
+        retrain(root=str(clone))
+    assert "up to date" in dvc("status", cwd=clone).stdout  # nothing was trained again
