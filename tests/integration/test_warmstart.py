@@ -152,3 +152,16 @@ def test_a_standby_that_dies_while_importing_leaves_its_waiting_runs_to_start_co
     assert front.returncode == 3, err
     seen = json.loads(out)
     assert seen["ppid"] == os.getpid() and seen["preloaded"] is False  # exec'd by the front
+
+
+def test_preload_calls_module_functions_and_reports_what_failed():
+    """`module:function` entries warm a cache the runs inherit; a failure only starts cold."""
+    from mlflow.utils import requirements_utils
+
+    from services.warmstart import PRELOAD, preload
+
+    calls = [e for e in PRELOAD if ":" in e]
+    assert calls and preload(calls) == []  # the library still has what PRELOAD calls
+    assert requirements_utils._MODULES_TO_PACKAGES  # MLflow's map, built once, here
+    failed = preload(["json", "no_such_module_here", "json:no_such_function"])
+    assert [f.split(" ")[0] for f in failed] == ["no_such_module_here", "json:no_such_function"]
