@@ -42,6 +42,9 @@ from pipelines.errors import TransientError
 from pipelines.versioning import load_dag, repro_in_process, repro_stage
 
 DVC_LIMIT = "dvc-repo"
+# Stages whose MLflow plots and report a warm retrain draws beside registration and
+# the rollout (`log_artifacts`), which mostly wait on HTTP and the canary's bakes.
+DEFERRING_STAGES = ("train", "evaluate")
 # The slot is a lease the holder keeps renewing: a flow run killed with its worker
 # stops renewing, and the server takes the slot back after this long (Prefect's
 # default, 300 s, would hold up the re-run for five minutes).
@@ -77,13 +80,19 @@ def _dvc_slot():
     # No tags: Prefect takes a tag-concurrency lease per tagged task run (an API round
     # trip per stage, renewed while it runs); the flow's `dvc-repo` slot is the guard.
 )
-def dvc_stage(name: str, root: str, warm: bool = True) -> dict[str, Any]:
+def dvc_stage(
+    name: str, root: str, warm: bool = True, defer_artifacts: bool = False
+) -> dict[str, Any]:
     """Reproduce one dvc.yaml stage (skipped by DVC when nothing it depends on changed).
 
     `warm`: in this process when the stage's command allows it (see the module doc).
-    The caller holds the `dvc-repo` slot.
+    `defer_artifacts` (warm train and evaluate): their plots and report are left to the
+    `artifacts` task. The caller holds the `dvc-repo` slot.
     """
-    result = (repro_in_process(name, Path(root)) if warm else None) or repro_stage(name, Path(root))
+    options = {"defer_artifacts": True} if defer_artifacts and name in DEFERRING_STAGES else {}
+    result = (repro_in_process(name, Path(root), **options) if warm else None) or repro_stage(
+        name, Path(root)
+    )
     result["attempts"] = task_run.run_count
     get_run_logger().info(
         "stage %s %s in %.1fs",
@@ -150,7 +159,7 @@ def run_train(root: str, warm: bool = True) -> dict[str, Any]:
         result = run.state.result()
         return {**result, "pool": "gpu"}
     log.info("train stage -> cpu (no gpu worker online)")
-    return {**dvc_stage("train", root, warm), "pool": "cpu"}
+    return {**dvc_stage("train", root, warm, defer_artifacts=warm), "pool": "cpu"}
 
 
 @task(
@@ -190,6 +199,25 @@ def register_task(root: str) -> dict[str, Any]:
     out = register_candidate(cfg, Path(root), actor="retrain flow")
     get_run_logger().info("v%s registered -> %s", out["version"], out["alias"])
     return {**out, "new": True}
+
+
+@task(name="artifacts")
+def log_artifacts(root: str) -> list[str]:
+    """The model run's plots and evaluation report that the warm stages left for later.
+
+    A failure is logged, never fatal: the model and its metrics are in MLflow already.
+    """
+    from pipelines.config import load_config
+    from pipelines.tracking import log_deferred_artifacts
+
+    try:
+        logged = log_deferred_artifacts(load_config(Path(root) / "params.yaml"), Path(root))
+    except Exception as exc:
+        get_run_logger().warning("plots and evaluation report not logged to MLflow: %s", exc)
+        return []
+    if logged:
+        get_run_logger().info("logged to the model's MLflow run: %s", ", ".join(logged))
+    return logged
 
 
 @task(name="push-data")
@@ -274,11 +302,25 @@ def retrain(
             if stage.name == "train":
                 results.append(run_train(str(root_path), warm))
             else:
-                results.append(dvc_stage(stage.name, str(root_path), warm))
+                results.append(dvc_stage(stage.name, str(root_path), warm, defer_artifacts=warm))
         pushed = push_data(str(root_path), warm) if push else None
     out: dict[str, Any] = {"stages": results}
-    if not push:
-        return out
+    # drawn in a thread of this run while it registers and rolls out, and waited for
+    deferred = warm and any(s.name in DEFERRING_STAGES for s in selected)
+    artifacts = log_artifacts.submit(str(root_path)) if deferred else None
+    try:
+        if push:
+            out.update(_deploy(root_path, pushed))
+    finally:
+        if artifacts is not None:
+            out["artifacts"] = artifacts.result()
+    return out
+
+
+def _deploy(root_path: Path, pushed: dict[str, Any] | None) -> dict[str, Any]:
+    """Register and gate the trained model, then serve it or roll it out."""
+    log = get_run_logger()
+    out: dict[str, Any] = {}
     out["data"] = pushed
     reg = register_task(str(root_path))
     out["registered"] = reg

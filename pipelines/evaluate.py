@@ -169,8 +169,12 @@ def model_score_fn(recommender) -> ScoreFn:
     return lambda batch: recommender.score(batch)
 
 
-def run(cfg: Config, root: Path = Path(".")) -> dict[str, Any]:
-    """The DVC stage: evaluate the trained model and the baselines on the test split."""
+def run(cfg: Config, root: Path = Path("."), defer_artifacts: bool = False) -> dict[str, Any]:
+    """The DVC stage: evaluate the trained model and the baselines on the test split.
+
+    `defer_artifacts`: log the metrics, and leave the report and the plots to
+    `tracking.log_deferred_artifacts`.
+    """
     from pipelines.baselines import fit_baseline
     from pipelines.errors import DataError
     from pipelines.events import write_json
@@ -217,5 +221,5 @@ def run(cfg: Config, root: Path = Path(".")) -> dict[str, Any]:
         res = evaluate_scores(base.score, **{**common, "max_len": 10**6})
         report["baselines"][name] = {"full": res.full, "sampled": res.sampled}
     write_json(report, root / cfg.paths.reports_dir / "evaluate.json")
-    log_evaluation(cfg, root, report, rec, data)
+    log_evaluation(cfg, root, report, rec, data, artifacts=not defer_artifacts)
     return report

@@ -166,9 +166,17 @@ def _log_dict_metrics(mlc, run_id: str, prefix: str, metrics: dict[str, float]) 
 
 
 def log_trained_model(
-    root: Path, run_id: str, model_dir: Path, history: list[dict], summary: dict[str, Any]
+    root: Path,
+    run_id: str,
+    model_dir: Path,
+    history: list[dict],
+    summary: dict[str, Any],
+    curves: bool = True,
 ) -> str:
-    """Curves, the training summary and the model (pyfunc, models-from-code); returns its URI."""
+    """Curves, the training summary and the model (pyfunc, models-from-code); returns its URI.
+
+    `curves=False` leaves the curves plot to `log_deferred_artifacts`.
+    """
     import mlflow
     import pandas as pd
     from mlflow.models import ModelSignature
@@ -179,8 +187,9 @@ def log_trained_model(
 
     mlc = client(root)
     with tempfile.TemporaryDirectory() as tmp:
-        curves = plots.training_curves(history, Path(tmp) / "training_curves.png")
-        mlc.log_artifact(run_id, str(curves), "plots")
+        if curves:
+            png = plots.training_curves(history, Path(tmp) / "training_curves.png")
+            mlc.log_artifact(run_id, str(png), "plots")
         (Path(tmp) / "train.json").write_text(json.dumps(summary, indent=2, default=str))
         mlc.log_artifact(run_id, str(Path(tmp) / "train.json"))
     _log_dict_metrics(
@@ -228,14 +237,14 @@ def _requirements() -> list[str]:
     return [f"{p}=={version(p)}" for p in pkgs] + ["attnflow"]
 
 
-def log_evaluation(cfg: Config, root: Path, report: dict[str, Any], recommender, data) -> None:
-    """Test metrics, baselines, segments and attention heatmaps, into the model's run."""
-    from pipelines import plots
-    from pipelines.model import load_extra
+def log_evaluation(
+    cfg: Config, root: Path, report: dict[str, Any], recommender, data, artifacts: bool = True
+) -> None:
+    """Test metrics and baselines into the model's run; with `artifacts`, the report and plots.
 
-    model_dir = root / cfg.paths.model_dir
-    lineage = load_extra(model_dir, "lineage") if (model_dir / "lineage.json").exists() else {}
-    run_id = lineage.get("mlflow_run_id")
+    `artifacts=False` leaves the report and the plots to `log_deferred_artifacts`.
+    """
+    run_id = _model_run_id(cfg, root)
     if not run_id:
         log.warning("model has no MLflow run id; evaluation not logged to MLflow")
         return
@@ -249,18 +258,82 @@ def log_evaluation(cfg: Config, root: Path, report: dict[str, Any], recommender,
             f"baseline_{name}_",
             {k: v for k, v in res["full"].items() if k in ("ndcg@10", "hr@10")},
         )
+    if artifacts:
+        _log_evaluation_artifacts(mlc, run_id, cfg, report, recommender, data)
+
+
+def _model_run_id(cfg: Config, root: Path) -> str | None:
+    """The MLflow run of the model in `paths.model_dir` (from its lineage)."""
+    from pipelines.model import load_extra
+
+    model_dir = root / cfg.paths.model_dir
+    lineage = load_extra(model_dir, "lineage") if (model_dir / "lineage.json").exists() else {}
+    return lineage.get("mlflow_run_id")
+
+
+def _log_evaluation_artifacts(
+    mlc, run_id: str, cfg: Config, report: dict[str, Any], recommender, data
+) -> None:
+    from pipelines import plots
+
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
-        (t / "evaluation.json").write_text(json.dumps(report, indent=2))
-        mlc.log_artifact(run_id, str(t / "evaluation.json"))
+        rows = attention_rows(recommender, data, cfg.evaluate.heatmap_users)
         mlc.log_artifact(
             run_id, str(plots.segment_bars(report["segments"], t / "segments.png")), "plots"
         )
-        rows = attention_rows(recommender, data, cfg.evaluate.heatmap_users)
         if rows:
             mlc.log_artifact(
                 run_id, str(plots.attention_heatmap(rows, t / "attention.png")), "plots"
             )
+        # last: its presence says the evaluation's artifacts are complete
+        (t / "evaluation.json").write_text(json.dumps(report, indent=2))
+        mlc.log_artifact(run_id, str(t / "evaluation.json"))
+
+
+def log_deferred_artifacts(cfg: Config, root: Path) -> list[str]:
+    """The plots and evaluation report the model's run lacks, drawn and logged now.
+
+    A warm retrain (flows/retrain.py) runs the train and evaluate stages without them
+    and calls this beside registration and the rollout, which mostly wait; a run that
+    has them (the command line logs them inline) gets nothing twice. Returns what it
+    logged.
+    """
+    import math
+
+    import pandas as pd
+
+    from pipelines import plots
+
+    run_id = _model_run_id(cfg, root)
+    if not run_id:
+        return []
+    mlc = client(root)
+    have = {a.path for a in mlc.list_artifacts(run_id)}
+    have |= {a.path for a in mlc.list_artifacts(run_id, "plots")}
+    reports = root / cfg.paths.reports_dir
+    logged = []
+    curve = reports / "train_curve.csv"
+    if "plots/training_curves.png" not in have and curve.exists():
+        history = [
+            {k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
+            for row in pd.read_csv(curve).to_dict("records")
+        ]
+        with tempfile.TemporaryDirectory() as tmp:
+            png = plots.training_curves(history, Path(tmp) / "training_curves.png")
+            mlc.log_artifact(run_id, str(png), "plots")
+        logged.append("plots/training_curves.png")
+    evaluation = reports / "evaluate.json"
+    if "evaluation.json" not in have and evaluation.exists():
+        from pipelines.model import Recommender, load_model
+        from pipelines.sequences import load_split
+
+        encoder = load_model(root / cfg.paths.model_dir)
+        data = load_split(root / cfg.paths.split_dir, encoder.spec.config.time_buckets)
+        report = json.loads(evaluation.read_text())
+        _log_evaluation_artifacts(mlc, run_id, cfg, report, Recommender(encoder), data)
+        logged += ["plots/segments.png", "plots/attention.png", "evaluation.json"]
+    return logged
 
 
 def attention_rows(recommender, data, n_users: int) -> list[dict[str, Any]]:

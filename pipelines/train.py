@@ -724,8 +724,13 @@ def export_model(
     return save_model(encoder, folder, extra=extra, arrays=arrays)
 
 
-def run(cfg: Config, root: Path = Path("."), progress: bool = False) -> dict[str, Any]:
-    """The DVC stage: train, export `models/attnflow`, track the run in MLflow."""
+def run(
+    cfg: Config, root: Path = Path("."), progress: bool = False, defer_artifacts: bool = False
+) -> dict[str, Any]:
+    """The DVC stage: train, export `models/attnflow`, track the run in MLflow.
+
+    `defer_artifacts`: leave the curves plot to `tracking.log_deferred_artifacts`.
+    """
     import sys
 
     from pipelines.errors import DataError
@@ -780,7 +785,9 @@ def run(cfg: Config, root: Path = Path("."), progress: bool = False) -> dict[str
     lineage["train"] = summary
     model_dir = root / cfg.paths.model_dir
     export_model(result.encoder, data, model_dir, lineage)
-    summary["model_uri"] = log_trained_model(root, run_id, model_dir, result.history, summary)
+    summary["model_uri"] = log_trained_model(
+        root, run_id, model_dir, result.history, summary, curves=not defer_artifacts
+    )
     reports = root / cfg.paths.reports_dir
     write_json(summary, reports / "train.json")
     _write_curve(result.history, reports / "train_curve.csv")

@@ -152,12 +152,13 @@ IN_PROCESS_COMMANDS = {
 }
 
 
-def in_process_runner(cmd: str, root: Path) -> Callable[[], Any] | None:
+def in_process_runner(cmd: str, root: Path, **options: Any) -> Callable[[], Any] | None:
     """What `cmd` runs, as a call in this process (None: `cmd` is not one of ours).
 
     `attnflow <stage>` is `pipelines.<stage>.run` on params.yaml, so running that
     function here gives the stage's outputs without a new interpreter that imports
-    torch, transformers and MLflow again.
+    torch, transformers and MLflow again. `options`: keyword arguments for that `run`
+    (what the command line cannot ask for, such as `defer_artifacts`).
     """
     name = IN_PROCESS_COMMANDS.get(" ".join(cmd.split()))
     if name is None:
@@ -169,7 +170,7 @@ def in_process_runner(cmd: str, root: Path) -> Callable[[], Any] | None:
         from pipelines.config import load_config
 
         module = importlib.import_module(f"pipelines.{name}")
-        return module.run(load_config(root / "params.yaml"), root)
+        return module.run(load_config(root / "params.yaml"), root, **options)
 
     return run
 
@@ -187,7 +188,7 @@ def _repo_here(root: Path) -> Iterator[Any]:
         yield repo
 
 
-def repro_in_process(name: str, root: Path) -> dict[str, Any] | None:
+def repro_in_process(name: str, root: Path, **options: Any) -> dict[str, Any] | None:
     """`repro_stage`, with the stage's command run in this process (warm imports).
 
     DVC decides as `dvc repro --single-item` does: an unchanged stage is skipped, a
@@ -196,6 +197,7 @@ def repro_in_process(name: str, root: Path) -> dict[str, Any] | None:
     outputs are saved, cached and written to dvc.lock. The DVC repository lock is
     released while the command runs, as DVC does for a command's process. Returns
     None when the stage's command cannot run in-process (the caller runs `dvc repro`).
+    `options`: keyword arguments for the stage's `run` (see `in_process_runner`).
     """
     from dvc.lock import LockError
     from dvc.stage.cache import RunCacheNotFoundError
@@ -207,7 +209,7 @@ def repro_in_process(name: str, root: Path) -> dict[str, Any] | None:
         with _repo_here(root) as repo:
             with repo.lock:
                 stage = next(iter(repo.stage.collect(name)))
-                runner = in_process_runner(stage.cmd or "", root)
+                runner = in_process_runner(stage.cmd or "", root, **options)
                 if runner is None or stage.frozen:
                     return None
                 changed = stage.changed()

@@ -82,6 +82,13 @@ def test_retrain_flow_runs_the_dvc_dag_and_retries_a_held_lock(clone):
     assert [s["stage"] for s in result["stages"]] == STAGES
     assert all(s["in_process"] for s in result["stages"])  # warm: no process per stage
     assert result["data"]["pushed"]  # through DVC's API, to the default remote
+    # the new model's plots and report, drawn beside registration
+    assert set(result["artifacts"]) == {
+        "plots/training_curves.png",
+        "plots/segments.png",
+        "plots/attention.png",
+        "evaluation.json",
+    }
     assert by_stage["ingest"]["attempts"] >= 2  # failed on the lock, retried
     assert not by_stage["ingest"]["ran"] and not by_stage["validate"]["ran"]
     assert by_stage["split"]["ran"] and by_stage["split"]["attempts"] == 1
@@ -102,7 +109,9 @@ def test_retrain_flow_runs_the_dvc_dag_and_retries_a_held_lock(clone):
         (Path(__file__).parents[2] / "params.yaml").read_text()
     )["split"]["min_item_events"]
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    again = {s["stage"]: s for s in retrain(root=str(clone), deploy=False)["stages"]}
+    again_result = retrain(root=str(clone), deploy=False)
+    again = {s["stage"]: s for s in again_result["stages"]}
+    assert again_result["artifacts"] == []  # the restored model's run has them
     assert [again[s]["restored"] for s in ("split", "train", "evaluate")] == [True] * 3
     assert not any(again[s]["ran"] for s in STAGES)
     assert json.loads((clone / "reports/split.json").read_text())["n_items"] == 3657

@@ -122,3 +122,39 @@ def test_epoch_metrics_that_failed_to_log_fail_the_training_at_its_end(tmp_path,
     epochs(1, {"epoch": 1, "loss": 0.5})  # returns at once
     with pytest.raises(MlflowException):
         epochs.wait()
+
+
+def test_deferred_artifacts_are_drawn_later_once(tmp_path, synth_split, monkeypatch, request):
+    """What a warm retrain does: stages log the model and metrics, the plots come later."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipelines.tracking import log_deferred_artifacts
+
+    # logging the model sets MLflow's process-wide URI: the other tests' store comes back
+    request.addfinalizer(lambda uri=mlflow.get_tracking_uri(): mlflow.set_tracking_uri(uri))
+
+    shutil.copytree(synth_split, tmp_path / "data" / "split")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("ATTNFLOW_MLFLOW_ARTIFACTS", (tmp_path / "artifacts").as_uri())
+    cfg = small_config(**{"train.epochs": 2, "ingest.dataset": "synthetic"})
+    summary = train.run(cfg, tmp_path, defer_artifacts=True)
+    evaluate.run(cfg, tmp_path, defer_artifacts=True)
+    client = MlflowClient()
+    run_id = summary["mlflow_run_id"]
+    assert client.get_run(run_id).data.metrics["test_ndcg_at_10"] > 0  # metrics are not deferred
+    arts = {a.path for a in client.list_artifacts(run_id)}
+    assert "train.json" in arts
+    assert "plots" not in arts and "evaluation.json" not in arts
+
+    logged = log_deferred_artifacts(cfg, tmp_path)
+    assert set(logged) == {
+        "plots/training_curves.png",
+        "plots/segments.png",
+        "plots/attention.png",
+        "evaluation.json",
+    }
+    plots = {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert set(logged) - {"evaluation.json"} == plots
+    assert "evaluation.json" in {a.path for a in client.list_artifacts(run_id)}
+    assert log_deferred_artifacts(cfg, tmp_path) == []  # nothing twice
