@@ -18,10 +18,14 @@ forking the run, not Linux, or `ATTNFLOW_WARMSTART=0`) the front `exec`s the mod
 the worker would have. A run started while the standby is still importing waits for it.
 
 Why forking is safe here: the standby imports no attnflow code (a run always sees the
-code as it is now) and not Prefect (its settings come from the environment at import
-time, and each run brings its own), starts no thread (one selector loop; it refuses
-to serve if an import started one), and its environment is the worker's, so libraries
-that read the environment at import see what a fresh interpreter would.
+code as it is now), starts no thread (one selector loop; it refuses to serve if an
+import started one), and its environment is the worker's, so libraries that read the
+environment at import see what a fresh interpreter would. Prefect is the exception
+that reads it too early: its settings and logging configuration are made at import
+from the environment, and a run brings its own (the flow run's id, the deployment's
+variables), so a forked run rebuilds both from its environment before it starts. The
+module a run executes (`prefect.engine`) is dropped from the inherited modules, so it
+runs as `__main__` exactly once, as under `python -m`.
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ PRELOAD = (
     "pyarrow.parquet",
     "scipy.sparse",
     "matplotlib.pyplot",
+    "prefect",  # 1-2 s; settings and logging are rebuilt in each run (see the module doc)
+    "prefect.flow_engine",
     # `module:function`: called once here, so that its cache is inherited. MLflow maps
     # every installed module to its distribution (1.5 s, once per process) the first
     # time a model is logged, to warn about requirements the environment lacks.
@@ -213,6 +219,10 @@ class Standby:
         sys.path[:] = [request["cwd"], *extra, *[p for p in sys.path[1:] if p not in extra]]
         sys.argv = [request["module"], *request["args"]]
         random.seed()  # not the standby's state, shared by every child
+        _refresh_prefect()
+        # as `python -m` runs it: once, as __main__ (a preloaded copy would be run twice,
+        # and runpy warns about it)
+        sys.modules.pop(request["module"], None)
         code: int | str | None = 0
         try:
             runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
@@ -280,6 +290,17 @@ def _kill_group(pid: int, signum: int) -> None:
     for target in (lambda: os.killpg(pid, signum), lambda: os.kill(pid, signum)):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             target()
+
+
+def _refresh_prefect() -> None:
+    """A preloaded Prefect's settings and logging, made again from this environment."""
+    if "prefect" not in sys.modules:
+        return
+    from prefect.context import refresh_global_settings_context
+    from prefect.logging.configuration import setup_logging
+
+    refresh_global_settings_context()
+    setup_logging(incremental=False)
 
 
 def preload(modules: list[str]) -> list[str]:

@@ -10,6 +10,22 @@ import time
 
 if __name__ == "__main__":
     preloaded = "xml.dom.minidom" in sys.modules  # before this module imports anything
+    if sys.argv[1:2] == ["prefect"]:
+        import logging
+
+        from prefect.settings import get_current_settings
+
+        settings = get_current_settings()
+        print(
+            json.dumps(
+                {
+                    "api_url": settings.api.url,
+                    "level": logging.getLevelName(logging.getLogger("prefect").level),
+                    "preloaded": "prefect.flow_engine" in sys.modules,
+                }
+            )
+        )
+        sys.exit(0)
     if sys.argv[1:2] == ["sleep"]:
         marker = sys.argv[2]
 

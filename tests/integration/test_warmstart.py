@@ -23,13 +23,19 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="fork and AF_UNI
 TARGET = "tests.integration._warm_target"
 
 
-def _start_standby(sock: Path, preload: str, path: Path | None = None) -> subprocess.Popen:
+def _start_standby(
+    sock: Path, preload: str, path: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen:
     """`python -m services.warmstart serve` preloading `preload`, with `path` on its path."""
     serve = ["serve", "--socket", str(sock), "--preload", preload]
     return subprocess.Popen(
         [sys.executable, "-m", "services.warmstart", *serve],
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in (REPO, path) if p)},
+        env={
+            **os.environ,
+            **(env or {}),
+            "PYTHONPATH": os.pathsep.join(str(p) for p in (REPO, path) if p),
+        },
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -49,8 +55,10 @@ def standby(tmp_path):
     assert not sock.exists()  # the standby removes its socket on the way out
 
 
-def _front(sock: Path | None, cwd: Path, *args: str, **kw) -> subprocess.Popen:
-    env = {**os.environ, "WARM_TEST_VALUE": "42", "PYTHONPATH": str(REPO)}
+def _front(
+    sock: Path | None, cwd: Path, *args: str, env: dict[str, str] | None = None, **kw
+) -> subprocess.Popen:
+    env = {**os.environ, **(env or {}), "WARM_TEST_VALUE": "42", "PYTHONPATH": str(REPO)}
     env.pop(SOCKET_ENV, None)
     if sock is not None:
         env[SOCKET_ENV] = str(sock)
@@ -165,3 +173,29 @@ def test_preload_calls_module_functions_and_reports_what_failed():
     assert requirements_utils._MODULES_TO_PACKAGES  # MLflow's map, built once, here
     failed = preload(["json", "no_such_module_here", "json:no_such_function"])
     assert [f.split(" ")[0] for f in failed] == ["no_such_module_here", "json:no_such_function"]
+
+
+def test_a_run_forked_with_prefect_preloaded_gets_its_own_settings_and_runs_once(tmp_path):
+    """Prefect reads its settings and logging from the environment at import: a forked run
+    rebuilds them from its own, and the module it runs executes once, as `python -m`."""
+    sock = socket_path(tmp_path)
+    proc = _start_standby(
+        sock,
+        f"prefect,prefect.flow_engine,{TARGET}",  # the target too: it must not run twice
+        env={"PREFECT_API_URL": "http://standby.invalid/api", "PREFECT_LOGGING_LEVEL": "DEBUG"},
+    )
+    try:
+        lines = iter(proc.stdout.readline, "")
+        assert any("ready" in line for line in lines)  # after Prefect's DEBUG lines
+        run_env = {"PREFECT_API_URL": "http://run.invalid/api", "PREFECT_LOGGING_LEVEL": "ERROR"}
+        front = _front(sock, tmp_path, "prefect", env=run_env)
+        out, err = front.communicate(timeout=60)
+        assert front.returncode == 0, err
+        seen = json.loads(out)
+        assert seen["preloaded"] is True
+        assert seen["api_url"] == "http://run.invalid/api"
+        assert seen["level"] == "ERROR"
+        assert "RuntimeWarning" not in err, err  # runpy's "found in sys.modules"
+    finally:
+        proc.terminate()
+        proc.wait(10)
