@@ -305,25 +305,27 @@ def retrain(
                 results.append(dvc_stage(stage.name, str(root_path), warm, defer_artifacts=warm))
         pushed = push_data(str(root_path), warm) if push else None
     out: dict[str, Any] = {"stages": results}
-    # drawn in a thread of this run while it registers and rolls out, and waited for
     deferred = warm and any(s.name in DEFERRING_STAGES for s in selected)
-    artifacts = log_artifacts.submit(str(root_path)) if deferred else None
+    artifacts = None
     try:
         if push:
-            out.update(_deploy(root_path, pushed))
+            out["data"] = pushed
+            out["registered"] = reg = register_task(str(root_path))
+            # Drawn in a thread of this run while the model is served or rolled out
+            # (waits on HTTP and bakes), not beside the gates, whose scoring it would slow.
+            if deferred:
+                artifacts = log_artifacts.submit(str(root_path))
+            out.update(_deploy(root_path, reg))
     finally:
-        if artifacts is not None:
-            out["artifacts"] = artifacts.result()
+        if deferred:  # a model that failed its gates gets its plots too
+            out["artifacts"] = (artifacts or log_artifacts.submit(str(root_path))).result()
     return out
 
 
-def _deploy(root_path: Path, pushed: dict[str, Any] | None) -> dict[str, Any]:
-    """Register and gate the trained model, then serve it or roll it out."""
+def _deploy(root_path: Path, reg: dict[str, Any]) -> dict[str, Any]:
+    """Serve the registered model (the first champion) or roll it out (a challenger)."""
     log = get_run_logger()
     out: dict[str, Any] = {}
-    out["data"] = pushed
-    reg = register_task(str(root_path))
-    out["registered"] = reg
     if reg.get("alias") == "champion":
         served = serve_champion(str(root_path))
         out["served"] = served["version"] if served else None
