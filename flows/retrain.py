@@ -42,8 +42,8 @@ from pipelines.errors import TransientError
 from pipelines.versioning import load_dag, repro_in_process, repro_stage
 
 DVC_LIMIT = "dvc-repo"
-# Stages whose MLflow plots and report a warm retrain draws beside registration and
-# the rollout (`log_artifacts`), which mostly wait on HTTP and the canary's bakes.
+# Stages whose MLflow plots and report a warm retrain draws after registration, beside
+# serving or the rollout (`log_artifacts`), which mostly wait on HTTP and the bakes.
 DEFERRING_STAGES = ("train", "evaluate")
 # The slot is a lease the holder keeps renewing: a flow run killed with its worker
 # stops renewing, and the server takes the slot back after this long (Prefect's

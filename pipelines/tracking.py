@@ -273,31 +273,37 @@ def _model_run_id(cfg: Config, root: Path) -> str | None:
 
 def _log_evaluation_artifacts(
     mlc, run_id: str, cfg: Config, report: dict[str, Any], recommender, data
-) -> None:
+) -> list[str]:
+    """The segment and attention plots, then the report; the artifact paths logged."""
     from pipelines import plots
 
+    logged = []
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         rows = attention_rows(recommender, data, cfg.evaluate.heatmap_users)
         mlc.log_artifact(
             run_id, str(plots.segment_bars(report["segments"], t / "segments.png")), "plots"
         )
+        logged.append("plots/segments.png")
         if rows:
             mlc.log_artifact(
                 run_id, str(plots.attention_heatmap(rows, t / "attention.png")), "plots"
             )
+            logged.append("plots/attention.png")
         # last: its presence says the evaluation's artifacts are complete
         (t / "evaluation.json").write_text(json.dumps(report, indent=2))
         mlc.log_artifact(run_id, str(t / "evaluation.json"))
+        logged.append("evaluation.json")
+    return logged
 
 
 def log_deferred_artifacts(cfg: Config, root: Path) -> list[str]:
     """The plots and evaluation report the model's run lacks, drawn and logged now.
 
     A warm retrain (flows/retrain.py) runs the train and evaluate stages without them
-    and calls this beside registration and the rollout, which mostly wait; a run that
-    has them (the command line logs them inline) gets nothing twice. Returns what it
-    logged.
+    and calls this after registration, beside serving or the rollout, which mostly
+    wait; a run that has them (the command line logs them inline) gets nothing twice.
+    Returns what it logged.
     """
     import math
 
@@ -331,8 +337,7 @@ def log_deferred_artifacts(cfg: Config, root: Path) -> list[str]:
         encoder = load_model(root / cfg.paths.model_dir)
         data = load_split(root / cfg.paths.split_dir, encoder.spec.config.time_buckets)
         report = json.loads(evaluation.read_text())
-        _log_evaluation_artifacts(mlc, run_id, cfg, report, Recommender(encoder), data)
-        logged += ["plots/segments.png", "plots/attention.png", "evaluation.json"]
+        logged += _log_evaluation_artifacts(mlc, run_id, cfg, report, Recommender(encoder), data)
     return logged
 
 
