@@ -306,19 +306,23 @@ def retrain(
         pushed = push_data(str(root_path), warm) if push else None
     out: dict[str, Any] = {"stages": results}
     deferred = warm and any(s.name in DEFERRING_STAGES for s in selected)
-    artifacts = None
+    if push:
+        out["data"] = pushed
+        try:
+            out["registered"] = register_task(str(root_path))
+        except Exception:
+            if deferred:  # a model that failed its gates gets its plots too
+                log_artifacts(str(root_path))
+            raise
+    # Drawn in a thread of this run while the model is served or rolled out (waits on
+    # HTTP and bakes), not beside the gates, whose scoring it would slow.
+    artifacts = log_artifacts.submit(str(root_path)) if deferred else None
     try:
         if push:
-            out["data"] = pushed
-            out["registered"] = reg = register_task(str(root_path))
-            # Drawn in a thread of this run while the model is served or rolled out
-            # (waits on HTTP and bakes), not beside the gates, whose scoring it would slow.
-            if deferred:
-                artifacts = log_artifacts.submit(str(root_path))
-            out.update(_deploy(root_path, reg))
+            out.update(_deploy(root_path, out["registered"]))
     finally:
-        if deferred:  # a model that failed its gates gets its plots too
-            out["artifacts"] = (artifacts or log_artifacts.submit(str(root_path))).result()
+        if artifacts is not None:
+            out["artifacts"] = artifacts.result()
     return out
 
 

@@ -28,7 +28,8 @@ def training_curves(history: list[dict[str, float]], path: Path) -> Path:
         xs = [h["epoch"] for h in history if key in h]
         b.plot(xs, [h[key] for h in history if key in h], marker="o", label=key)
     b.set(title="validation", xlabel="epoch")
-    b.legend(fontsize=7)
+    if b.lines:  # no validation epochs: an empty panel, without an empty legend's warning
+        b.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

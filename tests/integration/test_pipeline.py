@@ -193,6 +193,11 @@ def test_a_model_that_fails_its_gates_fails_the_retrain_without_a_retry(clone):
         )
     register = [t for t in tasks if t.name.startswith("register")]
     assert [t.run_count for t in register] == [1]
+    # the rejected model's run still gets its plots and report, for whoever looks at why
+    from pipelines.tracking import client
+
+    run_id = json.loads((clone / "reports/train.json").read_text())["mlflow_run_id"]
+    assert "evaluation.json" in {a.path for a in client(clone).list_artifacts(run_id)}
 
     with pytest.raises(GateFailed, match="failed its gates when it was registered"):
         retrain(root=str(clone))
