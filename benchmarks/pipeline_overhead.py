@@ -53,7 +53,7 @@ def fresh_copy() -> Path:
             [sys.executable, "-m", "attnflow.cli", "down"], cwd=WORK, capture_output=True
         )
         shutil.rmtree(WORK)
-    from tests.conftest import copy_repo
+    from tests.repo import copy_repo  # not conftest: its test settings would reach the stack
 
     WORK.mkdir(parents=True)
     return copy_repo(WORK)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 from hypothesis import settings
+
+from tests.repo import copy_repo  # noqa: F401  (the tests import it from here)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,24 +110,6 @@ def write_params(root: Path, overrides: dict) -> None:
 
     merge(data, overrides)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
-
-
-def copy_repo(dest: Path) -> Path:
-    """A fresh clone's worth of the repository (tracked and new, non-ignored files) in `dest`."""
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.split("\0")
-    for rel in filter(None, files):
-        src = REPO / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    return dest
 
 
 def venv_env(**extra: str) -> dict[str, str]:
