@@ -12,9 +12,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-from tests.repo import copy_repo  # noqa: F401  (the tests import it from here)
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.repo import REPO, copy_repo  # noqa: F401  (the tests import them from here)
 
 # Make a relative mirror path (as .ci/run sets it) absolute before any test changes folder.
 if os.environ.get("ATTNFLOW_DATA_MIRROR"):
@@ -31,7 +29,7 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="attnflow-prefect-
 # Prefect fixes its settings when first imported. Import it now, with no server in the
 # environment, so that in-process flows use the temporary API whichever test runs
 # first (a module that starts a stack exports the stack's PREFECT_API_URL while it runs).
-import prefect  # noqa: E402, F401
+import prefect  # noqa: F401
 
 # The gate (`make test`, CI) draws the same property-test examples every run, so a
 # merge never fails on a new random draw; `make fuzz` explores fresh ones at length.

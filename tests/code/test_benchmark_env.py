@@ -20,6 +20,8 @@ def test_copying_the_repository_leaves_the_environment_alone() -> None:
         "from tests.repo import copy_repo\n"
         "print(json.dumps(sorted(k for k, v in os.environ.items() if before.get(k) != v)))\n"
     )
+    # The child starts without this session's Prefect settings, so a module that sets
+    # them on import shows up as a change.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True
