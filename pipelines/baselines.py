@@ -38,12 +38,16 @@ class ItemKNN:
             shape=(train.n_users, n_items + 1),
         )
         x.data[:] = 1.0  # presence, not counts
-        co = (x.T @ x).tocsr().astype(np.float32)
-        norms = np.sqrt(co.diagonal()).astype(np.float32)
+        sim = (x.T.tocsr() @ x).tocsr()  # (n_items + 1, n_items + 1) co-occurrence counts
+        norms = np.sqrt(sim.diagonal()).astype(np.float32)
         norms[norms == 0] = 1.0
-        inv = sp.diags(1.0 / norms)
-        sim = (inv @ co @ inv).tocsr()
-        sim.setdiag(0.0)
+        inv = (1.0 / norms).astype(np.float32)
+        # Cosine scaling and the zeroed diagonal on the stored entries in place: the same
+        # numbers as `diag(inv) @ co @ diag(inv)` and `setdiag(0)`, without two more
+        # products of a matrix with ~10M entries (ml-latest-small): half the fit time.
+        rows = np.repeat(np.arange(sim.shape[0]), np.diff(sim.indptr))
+        sim.data = sim.data.astype(np.float32) * inv[rows] * inv[sim.indices]
+        sim.data[rows == sim.indices] = 0.0
         sim.eliminate_zeros()
         self.sim = sim
         self.history = history
