@@ -2,8 +2,9 @@
 
 Steps (params.yaml `rollout`): start a model service for the challenger version,
 point the gateway at it, and move its traffic weight through `rollout.steps`; after
-each step's bake time the step is judged on that step's own measurements (see
-`pipelines.rollout`). A failed check sets the weight to 0, stops the challenger,
+each step's bake time the step is judged on that step's own measurements: the
+gateway's counts of live traffic and a side-by-side replay sent to both services
+during the bake (see `pipelines.rollout`). A failed check sets the weight to 0, stops the challenger,
 leaves the aliases as they were and tags the version with the reason. Success moves
 `champion` to the challenger, removes `challenger`, and keeps the old champion's
 service running as a standby for `attnflow rollback`. One rollout at a time.
@@ -17,6 +18,7 @@ import contextlib
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -119,15 +121,20 @@ def canary_step(
     step = StepReport(weight=weight, started=time.time())
     gw.reset_stats()
     gw.set_weight(weight)
-    with _Traffic(gateway_url, requests, cfg.replay_rps):
+    # The side-by-side replay (straight to both services, so the gateway's counts are
+    # live traffic only) runs while the step bakes: the step lasts its bake time, not
+    # the bake plus 2 x `replay_requests` sequential requests after it.
+    with _Traffic(gateway_url, requests, cfg.replay_rps), ThreadPoolExecutor(1) as pool:
+        sample = requests[: cfg.replay_requests]
+        replayed = pool.submit(replay, champion_url, challenger_url, sample)
         deadline = time.monotonic() + cfg.bake_s
         while time.monotonic() < deadline:
             time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        sanity, detail = replayed.result()
     state = gw.state()
     stats = state.get("stats", {})
     step.stats = stats
     step.checks.extend(check_traffic(stats, cfg))
-    sanity, detail = replay(champion_url, challenger_url, requests[: cfg.replay_requests])
     step.checks.extend(sanity)
     step.checks.append(check_agreement(detail["agreement"], cfg))
     ctr = check_ctr(stats, cfg)
