@@ -6,7 +6,8 @@ its final state; Prefect's Python client would import all of Prefect first, abou
 CPU-seconds here, on the path between the command and the worker picking the run up.
 These are the same three calls `prefect.deployments.run_deployment` makes (read the
 deployment by name, create a run from it, read the run until its state is final),
-over httpx. The server fills in the deployment's default parameters and checks the
+over httpx; the wait reads the run when the server's event stream says it changed
+(`RunEvents`) rather than every second. The server fills in the deployment's default parameters and checks the
 given ones against its schema, as it does for the Python client.
 
 `propose_state` and `post_log` are for the every-minute check's light front
@@ -100,7 +101,11 @@ def wait_for_run(
     poll_s: float = 1.0,
     sleep: Callable[[float], None] = time.sleep,
 ) -> dict[str, Any]:
-    """Read the flow run until its state is final; returns it."""
+    """Read the flow run until its state is final; returns it.
+
+    `sleep(poll_s)` waits between reads; `RunEvents.wait` ends that wait early when
+    the run changes state.
+    """
     while True:
         run = read_run(client, run_id)
         if (run.get("state") or {}).get("type") in FINAL_STATES:
@@ -108,16 +113,89 @@ def wait_for_run(
         sleep(poll_s)
 
 
+class RunEvents:
+    """One flow run's state changes, from the Prefect server's event stream (`/events/out`).
+
+    A waiter that polls every second learns of a run's end half a second late on
+    average and sends the server a request a second the whole time; on this stream the
+    server tells it at once (`prefect.flow-run.<state>`). It is the protocol of Prefect's
+    own `PrefectEventSubscriber`, over the `websockets` that Prefect itself uses: auth
+    (no token on the local server), then a filter. Best-effort: `connected` is False when
+    the stream cannot be opened, and the caller polls as before.
+    """
+
+    def __init__(self, api_url: str, run_id: str, timeout: float = 5.0):
+        self.url = api_url.rstrip("/").replace("http", "ws", 1) + "/events/out"
+        self.run_id, self.timeout = run_id, timeout
+        self.connected = False
+        self._ws: Any = None
+
+    def __enter__(self) -> RunEvents:
+        import json
+        from datetime import UTC, datetime, timedelta
+
+        from websockets.sync.client import connect
+
+        now = datetime.now(UTC)
+        event_filter = {
+            # without `until`, the server takes "now" and lets no later event through
+            "occurred": {
+                "since": (now - timedelta(minutes=1)).isoformat(),
+                "until": (now + timedelta(days=7)).isoformat(),
+            },
+            "event": {"prefix": ["prefect.flow-run."]},
+            "resource": {"id": [f"prefect.flow-run.{self.run_id}"]},
+        }
+        try:
+            self._ws = connect(self.url, subprotocols=["prefect"], open_timeout=self.timeout)
+            self._ws.send(json.dumps({"type": "auth", "token": None}))
+            answer = json.loads(self._ws.recv(timeout=self.timeout))
+            if answer.get("type") != "auth_success":
+                raise ConnectionError(f"event stream refused: {answer}")
+            # the waiter reads the run once after this: no need for past events
+            self._ws.send(json.dumps({"type": "filter", "filter": event_filter, "backfill": False}))
+            self.connected = True
+        except Exception:  # no stream (an older or proxied server): the caller polls
+            self.__exit__()
+        return self
+
+    def wait(self, seconds: float) -> None:
+        """Return when the run has a new state or after `seconds`, whichever is first."""
+        if not self.connected:
+            time.sleep(seconds)
+            return
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            self._ws.recv(timeout=seconds)
+        except TimeoutError:
+            pass
+        except ConnectionClosed:  # the server went away: plain waits from now on
+            self.__exit__()
+
+    def __exit__(self, *exc: object) -> None:
+        self.connected = False
+        if self._ws is not None:
+            self._ws.close()
+            self._ws = None
+
+
 def run_deployment(
     api_url: str, name: str, parameters: dict[str, Any], poll_s: float = 1.0
 ) -> dict[str, Any]:
     """Run deployment `name` (`flow/deployment`) with `parameters`; wait for its end.
 
-    Returns the final flow run as the API gives it (`name`, `state.type`, ...).
+    The wait follows the run's events and reads it when one comes; without the event
+    stream, every `poll_s`. Returns the final flow run as the API gives it (`name`,
+    `state.type`, ...).
     """
     with httpx.Client(base_url=api_url.rstrip("/"), timeout=30) as client:
         run = create_run(client, name, parameters)
-        return wait_for_run(client, run["id"], poll_s)
+        with RunEvents(api_url, run["id"]) as events:
+            if not events.connected:
+                return wait_for_run(client, run["id"], poll_s)
+            # a lost event costs at most this long: the run is read again regardless
+            return wait_for_run(client, run["id"], max(poll_s, 10.0), sleep=events.wait)
 
 
 def propose_state(

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import httpx
 import pytest
 
 from pipelines.errors import AttnflowError
-from services.prefect_rest import create_run, run_deployment, wait_for_run
+from services.prefect_rest import RunEvents, create_run, run_deployment, wait_for_run
 
 
 @pytest.fixture
@@ -65,6 +66,52 @@ def test_waiting_ends_with_the_final_state_the_worker_reports(api):
     assert final["state"]["type"] == "FAILED"
     assert final["state"]["message"] == "stage train failed"
     assert len(polls) >= 2
+
+
+def test_the_wait_follows_the_runs_events_instead_of_polling(api):
+    """With the server's event stream, a wait ends when the run changes state (here,
+    well before its 60 s poll), and the run is read only then."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.states import Completed, Pending, Running
+
+    _deployment(api, "rest-events", {})
+    with httpx.Client(base_url=api) as client:
+        run = create_run(client, "rest-events/rest-events", {})
+    with RunEvents(api, run["id"]) as events:
+        assert events.connected
+
+        def worker() -> None:
+            time.sleep(0.5)
+            with SyncPrefectClient(api) as pc:
+                for state in (Pending(), Running(), Completed()):
+                    pc.set_flow_run_state(run["id"], state)
+
+        t = threading.Thread(target=worker)
+        t.start()
+        waits: list[float] = []
+
+        def wait(seconds: float) -> None:
+            t0 = time.monotonic()
+            events.wait(seconds)
+            waits.append(time.monotonic() - t0)
+
+        with httpx.Client(base_url=api) as client:
+            t0 = time.monotonic()
+            final = wait_for_run(client, run["id"], poll_s=60.0, sleep=wait)
+            took = time.monotonic() - t0
+        t.join()
+    assert final["state"]["type"] == "COMPLETED"
+    assert 1 <= len(waits) <= 3, waits  # woken by Pending, Running, Completed at most
+    assert took < 30, took
+
+
+def test_without_an_event_stream_the_wait_polls(api):
+    events = RunEvents("http://127.0.0.1:9/api", "no-such-run", timeout=1)  # nothing listens
+    with events:
+        assert not events.connected
+        t0 = time.monotonic()
+        events.wait(0.2)  # a plain sleep
+        assert time.monotonic() - t0 >= 0.2
 
 
 def test_an_unknown_deployment_is_a_one_line_error(api):
