@@ -72,6 +72,7 @@ class ReplayGuard:
             self.seen.popitem(last=False)
         if self.path is not None:
             tmp = self.path.with_suffix(".tmp")
+            tmp.parent.mkdir(parents=True, exist_ok=True)  # a receiver started before the stack
             tmp.write_text(json.dumps(self.seen))
             tmp.replace(self.path)
         return True

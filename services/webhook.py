@@ -24,6 +24,7 @@ from pathlib import Path
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -40,15 +41,22 @@ ROOT = Path(os.environ.get("ATTNFLOW_ROOT", ".")).resolve()
 
 def trigger_rollout(version: str, actor: str) -> str:
     """Start the rollout of `version`: a Prefect deployment run, or a local process."""
-    if os.environ.get("PREFECT_API_URL"):
-        from prefect.deployments import run_deployment
+    api = os.environ.get("PREFECT_API_URL")
+    if api:
+        # Over REST, as the CLI does: Prefect's own `run_deployment` called from the
+        # receiver's async handler returns a coroutine instead of a run (it dispatches on
+        # the running event loop), and importing Prefect costs the receiver 2 CPU-s.
+        import httpx
 
-        run = run_deployment(
-            "rollout/rollout",
-            parameters={"version": version, "root": str(ROOT), "actor": actor},
-            timeout=0,  # do not wait: the receiver answers at once
-        )
-        return f"prefect flow run {run.id}"
+        from services.prefect_rest import create_run
+
+        with httpx.Client(base_url=api.rstrip("/"), timeout=30) as client:
+            run = create_run(
+                client,
+                "rollout/rollout",
+                {"version": version, "root": str(ROOT), "actor": actor},
+            )
+        return f"prefect flow run {run['id']}"
     logs = state_dir(ROOT) / "run"
     logs.mkdir(parents=True, exist_ok=True)
     with open(logs / f"rollout-v{version}.log", "ab") as out:
@@ -124,7 +132,10 @@ async def receive(request: Request) -> JSONResponse:
         return JSONResponse(
             {"status": "ignored", "reason": "already the served champion"}, status_code=202
         )
-    started = trigger_rollout(event.version, f"webhook ({event.alias} set in MLflow)")
+    # blocking HTTP (or a process start): off the event loop
+    started = await run_in_threadpool(
+        trigger_rollout, event.version, f"webhook ({event.alias} set in MLflow)"
+    )
     log.info("alias %s -> v%s: rollout started (%s)", event.alias, event.version, started)
     return JSONResponse(
         {"status": "rollout started", "version": event.version, "run": started}, status_code=202
