@@ -4,12 +4,15 @@ Steps (params.yaml `rollout`): start a model service for the challenger version,
 point the gateway at it, and move its traffic weight through `rollout.steps`; after
 each step's bake time the step is judged on that step's own measurements: the
 gateway's counts of live traffic and a side-by-side replay sent to both services
-during the bake (see `pipelines.rollout`). A failed check sets the weight to 0, stops the challenger,
-leaves the aliases as they were and tags the version with the reason. Success moves
-`champion` to the challenger, removes `challenger`, and keeps the old champion's
-service running as a standby for `attnflow rollback`. One rollout at a time.
-A version whose files differ from its manifest's SHA-256s (or that cannot be
-started at all) is refused before the gateway sees it, tagged `rollout.status=refused`.
+during the bake (see `pipelines.rollout`). A failed check sets the weight to 0, stops
+the challenger, leaves the aliases as they were and tags the version with the reason.
+Success moves `champion` to the challenger, removes `challenger`, and keeps the old
+champion's service running as a standby for `attnflow rollback`. One rollout at a
+time: a run for the version another run is rolling out already ends at once
+("started elsewhere"); one for another version fails as busy, and the reconciler
+starts it later. A version whose files differ from its manifest's SHA-256s (or that
+cannot be started at all) is refused before the gateway sees it, tagged
+`rollout.status=refused`.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from pipelines.registry import (
 )
 from pipelines.rollout import (
     GatewayClient,
+    RolloutBusy,
     RolloutFailed,
     StepReport,
     check_agreement,
@@ -160,7 +164,16 @@ def rollout(version: str | None = None, root: str = ".", actor: str = "rollout f
         return {"status": "nothing to do"}
     state = state_dir(root_path)
     stack = Stack(root_path)
-    with rollout_lock(state, version):
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(rollout_lock(state, version))
+        except RolloutBusy as exc:
+            if f"version {version}," not in str(exc):
+                raise  # another version's rollout: this one waits for the reconciler
+            # The same version, already under way: the retrain flow rolling out the
+            # challenger it registered, while the webhook of that alias started this run.
+            log.info("v%s: %s", version, exc)
+            return {"status": "started elsewhere", "version": version, "detail": str(exc)}
         try:
             return _canary(stack, version, root_path, cfg, actor)
         finally:

@@ -191,7 +191,11 @@ class Standby:
             _kill_group(pid, signal.SIGKILL)
         self.children[pid] = conn
         self.selector.register(conn, selectors.EVENT_READ, pid)
-        print(f"warmstart: {request['module']} -> pid {pid}", flush=True)
+        run = request.get("env", {}).get("PREFECT__FLOW_RUN_ID")
+        print(
+            f"warmstart: {request['module']} -> pid {pid}" + (f" (flow run {run})" if run else ""),
+            flush=True,
+        )
 
     def _become(self, request: dict, fds: list[int], conn: socket.socket) -> None:
         """In the child: take the front's streams, environment and folder, run the module."""

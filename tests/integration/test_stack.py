@@ -220,5 +220,13 @@ def test_retrain_deployment_on_postgres_and_s3_serves_then_rolls_out(scaled):
     )
     assert r.status_code == 200 and r.json()["model_version"] == "2"
     # both runs were forked from the warm-start standby (prefect.yaml's front), not cold
+    # (so were any rollout runs the webhook of the new `challenger` alias started)
+    retrain_runs = pg.sql(
+        "SELECT fr.id FROM flow_run fr JOIN deployment d ON fr.deployment_id = d.id "
+        "WHERE d.name = 'retrain' AND fr.state_type = 'COMPLETED'",
+        db="prefect",
+    ).split()
     standby_log = Path(stack.component("warmstart")["log"]).read_text()
-    assert standby_log.count("prefect.engine -> pid") == 2, standby_log
+    assert len(retrain_runs) == 2
+    for run in retrain_runs:
+        assert f"(flow run {run})" in standby_log, standby_log
