@@ -7,8 +7,9 @@ CPU-seconds here, on the path between the command and the worker picking the run
 These are the same three calls `prefect.deployments.run_deployment` makes (read the
 deployment by name, create a run from it, read the run until its state is final),
 over httpx; the wait reads the run when the server's event stream says it changed
-(`RunEvents`) rather than every second. The server fills in the deployment's default parameters and checks the
-given ones against its schema, as it does for the Python client.
+(`RunEvents`) rather than every second. The server fills in the deployment's default
+parameters and checks the given ones against its schema, as it does for the Python
+client.
 
 `propose_state` and `post_log` are for the every-minute check's light front
 (`flows/precheck.py`): a run with nothing to do goes Running, then Completed, through

@@ -468,6 +468,43 @@ def _signed(
     }
 
 
+def start_receiver(root: Path, state: Path, prefect_api: str):
+    """The webhook receiver (`python -m services.webhook`) for the project at `root`,
+    answering on /livez; returns its handle and base URL. `prefect_api` "": a rollout
+    would be a local process, leaving a log."""
+    import sys
+    import time
+
+    import httpx
+
+    from services.launch import free_port, spawn
+
+    port = free_port()
+    receiver = spawn(
+        "webhook",
+        [sys.executable, "-m", "services.webhook", "--host", "127.0.0.1", "--port", str(port)],
+        port,
+        env={
+            "ATTNFLOW_WEBHOOK_SECRET": WEBHOOK_SECRET,
+            "ATTNFLOW_ROOT": str(root),
+            "ATTNFLOW_STATE_DIR": str(state),
+            "PREFECT_API_URL": prefect_api,
+        },
+        log_dir=root / "logs",
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            httpx.get(f"{base}/livez", timeout=1, trust_env=False)
+            return receiver, base
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                receiver.stop()
+                raise AssertionError(receiver.log_tail()) from None
+            time.sleep(0.2)
+
+
 def _rollout_traces(state: Path) -> list[str]:
     """What `trigger_rollout` leaves behind: rollout logs (and any lock) in the state dir."""
     run = state / "run"
@@ -477,41 +514,20 @@ def _rollout_traces(state: Path) -> list[str]:
 
 def test_forged_replayed_stale_and_oversize_webhooks_start_no_rollout(tmp_path):
     import json
-    import sys
     import time
 
     import httpx
 
-    from services.launch import free_port, spawn, stop_all
+    from services.launch import stop_all
 
     state = tmp_path / "state"
     (state / "run").mkdir(parents=True)
     # A delivery the receiver saw before it restarted: its replay memory is on disk.
     seen_id = "delivery-seen-before"
     (state / "run" / "webhook-deliveries.json").write_text(json.dumps({seen_id: time.time()}))
-    port = free_port()
-    receiver = spawn(
-        "webhook",
-        [sys.executable, "-m", "services.webhook", "--host", "127.0.0.1", "--port", str(port)],
-        port,
-        env={
-            "ATTNFLOW_WEBHOOK_SECRET": WEBHOOK_SECRET,
-            "ATTNFLOW_ROOT": str(tmp_path),
-            "ATTNFLOW_STATE_DIR": str(state),
-            "PREFECT_API_URL": "",  # a rollout would be a local process, leaving a log
-        },
-        log_dir=tmp_path / "logs",
-    )
-    url = f"http://127.0.0.1:{port}/webhook"
+    receiver, base = start_receiver(tmp_path, state, prefect_api="")
+    url = f"{base}/webhook"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/livez", timeout=1, trust_env=False)
-                break
-            except httpx.HTTPError:
-                assert time.monotonic() < deadline, receiver.log_tail()
-                time.sleep(0.2)
         body, now = _alias_delivery(), int(time.time())
         forged = dict(_signed(body, "d-forged", now, secret="not-the-secret"))
         tampered = _signed(body, "d-tampered", now)
