@@ -125,9 +125,9 @@ class RunEvents:
     the stream cannot be opened, and the caller polls as before.
     """
 
-    def __init__(self, api_url: str, run_id: str, timeout: float = 5.0):
+    def __init__(self, api_url: str, run_id: str, poll_s: float = 1.0, timeout: float = 5.0):
         self.url = api_url.rstrip("/").replace("http", "ws", 1) + "/events/out"
-        self.run_id, self.timeout = run_id, timeout
+        self.run_id, self.poll_s, self.timeout = run_id, poll_s, timeout
         self.connected = False
         self._ws: Any = None
 
@@ -161,9 +161,10 @@ class RunEvents:
         return self
 
     def wait(self, seconds: float) -> None:
-        """Return when the run has a new state or after `seconds`, whichever is first."""
+        """Return when the run has a new state or after `seconds`, whichever is first
+        (without a stream: after `poll_s` at most, as a plain poll would)."""
         if not self.connected:
-            time.sleep(seconds)
+            time.sleep(min(seconds, self.poll_s))
             return
         from websockets.exceptions import ConnectionClosed
 
@@ -192,7 +193,7 @@ def run_deployment(
     """
     with httpx.Client(base_url=api_url.rstrip("/"), timeout=30) as client:
         run = create_run(client, name, parameters)
-        with RunEvents(api_url, run["id"]) as events:
+        with RunEvents(api_url, run["id"], poll_s) as events:
             if not events.connected:
                 return wait_for_run(client, run["id"], poll_s)
             # a lost event costs at most this long: the run is read again regardless
