@@ -254,7 +254,8 @@ class CpuSampler:
         flow = sum(self.flow_runs.values())  # with a warm start: the front only
         niced = f"{worker}: niced runs (reconcile, drift-check) and the worker"
         out[niced] = out.pop(worker) - flow
-        # the warm-start standby forks retrain runs only: its share is the run's
+        # the standby forks the retrain run (and the webhook's brief rollout run, which
+        # finds the retrain rolling out its version): its share is counted as the run's
         out["retrain flow run"] = flow + out.pop("warmstart", 0.0)
         return {k: round(v, 1) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 

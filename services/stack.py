@@ -566,7 +566,7 @@ class LocalStack(Stack):
             self._cli(
                 "--no-prompt", "deploy", "--all", "--prefect-file", str(self.root / "prefect.yaml")
             )
-        # retrain runs are forked from the standby when there is one (see prefect.yaml)
+        # retrain and rollout runs are forked from the standby if there is one (prefect.yaml)
         warm = {SOCKET_ENV: str(self.ensure_warm_start(env, progress))} if s.warm_start else {}
         if not self._running("worker-cpu"):
             for run in self.crash_orphaned_runs():
@@ -631,7 +631,7 @@ class LocalStack(Stack):
         its socket. It has the worker's environment, so what it imports sees the same."""
         sock = socket_path(self.run_dir)
         if not self._running("warmstart"):
-            progress("starting the warm-start standby for retrain runs")
+            progress("starting the warm-start standby for retrain and rollout runs")
             self.spawn_component(
                 "warmstart",
                 [python(), "-m", "services.warmstart", "serve", "--socket", str(sock)],

@@ -5,7 +5,7 @@ can train, that interpreter has to import torch, transformers, MLflow, DVC and p
 about 7 s on this kind of machine, every run (and 3 s more for Great Expectations when
 the data changed). `attnflow up` starts a *standby* from this module (`serve`): one
 process that imports those libraries and then waits on a Unix socket. The retrain
-deployment's command (prefect.yaml) is the *front*,
+and rollout deployments' command (prefect.yaml) is the *front*,
 `python -m services.warmstart run prefect.engine`: it connects, hands over its
 arguments, environment, working directory and standard streams, and the standby
 forks a child that runs the module with everything already imported. The front relays
