@@ -168,7 +168,7 @@ def rollout(version: str | None = None, root: str = ".", actor: str = "rollout f
         try:
             held.enter_context(rollout_lock(state, version))
         except RolloutBusy as exc:
-            if f"version {version}," not in str(exc):
+            if exc.version != str(version):
                 raise  # another version's rollout: this one waits for the reconciler
             # The same version, already under way: the retrain flow rolling out the
             # challenger it registered, while the webhook of that alias started this run.

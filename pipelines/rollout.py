@@ -22,6 +22,7 @@ import itertools
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,9 +39,13 @@ ADMIN_TOKEN_ENV = "ATTNFLOW_ADMIN_TOKEN"
 
 
 class RolloutBusy(AttnflowError):
-    """Another rollout holds the lock."""
+    """Another rollout holds the lock; `version`: the one it rolls out (None: unknown)."""
 
     exit_code = 5
+
+    def __init__(self, message: str, version: str | None = None):
+        super().__init__(message)
+        self.version = version
 
 
 class RolloutFailed(AttnflowError):
@@ -66,8 +71,10 @@ def rollout_lock(state: Path, version: str | None) -> Iterator[None]:
         fh.seek(0)
         holder = fh.read().strip() or "unknown"
         fh.close()
+        held = re.search(r"\bversion (\S+),", holder)
         raise RolloutBusy(
-            f"a rollout is already running ({holder}); try again when it ends"
+            f"a rollout is already running ({holder}); try again when it ends",
+            held.group(1) if held else None,
         ) from None
     try:
         fh.seek(0)
