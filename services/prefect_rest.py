@@ -194,9 +194,8 @@ def run_deployment(
     with httpx.Client(base_url=api_url.rstrip("/"), timeout=30) as client:
         run = create_run(client, name, parameters)
         with RunEvents(api_url, run["id"], poll_s) as events:
-            if not events.connected:
-                return wait_for_run(client, run["id"], poll_s)
-            # a lost event costs at most this long: the run is read again regardless
+            # on the stream, a lost event costs at most 10 s: the run is read again
+            # regardless; without one, `events.wait` sleeps `poll_s`, a plain poll
             return wait_for_run(client, run["id"], max(poll_s, 10.0), sleep=events.wait)
 
 
