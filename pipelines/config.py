@@ -367,10 +367,10 @@ class ServeConfig(Section):
     canary_salt: str = "attnflow"  # sticky assignment: hash(salt + user_id) picks the variant
     # a request queued this long for the model is shed (503): overload, not a CPU hiccup
     max_queue_ms: int = Field(1000, ge=1)
-    # `attnflow up` runs the MLflow and Prefect servers and the webhook receiver at this
-    # nice (their whole session's, under Linux autogroup): on one machine they yield the
-    # CPU to training and serving. 0: equal share.
-    control_plane_nice: int = Field(10, ge=0, le=19)
+    # `attnflow up` runs the MLflow and Prefect servers, the webhook receiver, the worker's
+    # session and the warm spare at this nice (their whole session's, under Linux
+    # autogroup): on one machine they yield the CPU to training and serving. 0: equal share.
+    control_plane_nice: int = Field(19, ge=0, le=19)
     # `attnflow up` keeps one warm model service without a model, which the next
     # rollout's challenger (or a new champion) takes over in about a second instead of
     # a cold start's ten or more; false: every model service starts cold.

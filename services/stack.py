@@ -575,7 +575,7 @@ class LocalStack(Stack):
             if missed:
                 progress(f"dropped {missed} reconcile/drift-check run(s) missed while down")
             progress("starting a process worker for the cpu pool")
-            self.spawn_component(
+            worker = self.spawn_component(
                 "worker-cpu",
                 [
                     str(Path(sys.executable).parent / "prefect"),
@@ -604,6 +604,13 @@ class LocalStack(Stack):
                     "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
                 },
             )
+            # The worker's session yields too: its polls and the checks it starts itself
+            # (reconcile, drift-check) took a full share beside training, whatever their
+            # own `nice`. Only the session's group: a process nice would be inherited by
+            # a cold retrain, which could not lower it again; a retrain or rollout run
+            # runs in the standby's session, or in a session of its own when it starts
+            # cold (services.warmstart).
+            set_session_nice(worker.pid, s.control_plane_nice)
         if not self._running("webhook"):
             progress("starting the MLflow webhook receiver")
             h = self.spawn_component(

@@ -8,6 +8,14 @@ import signal
 import sys
 import time
 
+
+def _session_nice() -> int | None:
+    try:
+        return int(open("/proc/self/autogroup").read().split()[-1])
+    except OSError:
+        return None
+
+
 if __name__ == "__main__":
     preloaded = "xml.dom.minidom" in sys.modules  # before this module imports anything
     if sys.argv[1:2] == ["prefect"]:
@@ -46,6 +54,8 @@ if __name__ == "__main__":
                 "argv": sys.argv[1:],
                 "ppid": os.getppid(),
                 "preloaded": preloaded,
+                "session_leader": os.getsid(0) == os.getpid(),
+                "session_nice": _session_nice(),
             }
         )
     )

@@ -24,7 +24,8 @@ import httpx
 import pytest
 import yaml
 
-from services.launch import free_port, spawn
+from pipelines.config import load_config
+from services.launch import free_port, session_nice, spawn
 from tests.conftest import QUICK_ROLLOUT, copy_repo, restored_environ, small_stack_params
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -184,6 +185,13 @@ def test_retrain_deployment_on_postgres_and_s3_serves_then_rolls_out(scaled):
     from pipelines.registry import CHAMPION, get_alias, read_history
 
     clone, stack, pg, s3 = scaled["clone"], scaled["stack"], scaled["pg"], scaled["s3"]
+    if session_nice(os.getpid()) is not None:  # autogroup scheduling: sessions share the CPU
+        # the control plane yields to training: the servers', the webhook's and the
+        # worker's sessions; the standby, which forks the retrain and rollout runs, does not
+        nice = load_config(clone / "params.yaml").serve.control_plane_nice
+        for name in ("mlflow", "prefect", "webhook", "worker-cpu"):
+            assert session_nice(stack.component(name)["pid"]) == nice, name
+        assert session_nice(stack.component("warmstart")["pid"]) == 0
     _run_retrain(clone)
     v1 = get_alias(CHAMPION, root=clone)
     assert v1 == "1"

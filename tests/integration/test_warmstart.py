@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from services.launch import REPO
+from services.launch import REPO, session_nice
 from services.warmstart import SOCKET_ENV, socket_path
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="fork and AF_UNIX: Linux only")
@@ -122,6 +122,36 @@ def test_without_a_standby_the_front_starts_the_module_cold(tmp_path):
         seen = json.loads(out)
         assert seen["ppid"] == os.getpid()  # exec: the front itself became the run
         assert seen["preloaded"] is False and seen["argv"] == ["x"] and seen["env"] == "42"
+        assert seen["session_leader"] is False  # from a session at nice 0: it stays there
+
+
+def test_a_cold_run_leaves_a_low_priority_session_for_one_of_its_own(tmp_path):
+    """The stack's worker runs in a session at the control plane's low priority
+    (autogroup nice); a retrain that starts cold under it must not inherit that."""
+    if session_nice(os.getpid()) is None:
+        pytest.skip("this kernel has no autogroup scheduling")
+    # a process in a session of its own lowers the session's priority, as `attnflow up`
+    # does the worker's, and starts the front as the worker would: a member, not a leader
+    worker = (
+        "import pathlib, subprocess, sys\n"
+        "pathlib.Path('/proc/self/autogroup').write_text('5')\n"
+        "cmd = [sys.executable, '-m', 'services.warmstart', 'run', sys.argv[1], 'x']\n"
+        "sys.exit(subprocess.run(cmd).returncode)\n"
+    )
+    env = {**os.environ, "WARM_TEST_VALUE": "42", "PYTHONPATH": str(REPO)}
+    env.pop(SOCKET_ENV, None)
+    proc = subprocess.run(
+        [sys.executable, "-c", worker, TARGET],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        start_new_session=True,  # our own session's priority stays as it is
+    )
+    assert proc.returncode == 3, proc.stderr
+    seen = json.loads(proc.stdout)
+    assert seen["session_leader"] is True and seen["session_nice"] == 0
 
 
 def _slow_standby(tmp_path: Path, body: str) -> tuple[subprocess.Popen, Path]:
