@@ -84,14 +84,6 @@ def socket_path(run_dir: Path) -> Path:
 # --- the front ---------------------------------------------------------------------------------
 
 
-def _session_nice() -> int:
-    """This process's session group nice under Linux autogroup; 0 where there is none."""
-    try:  # "/autogroup-12 nice 19"
-        return int(Path("/proc/self/autogroup").read_text().split()[-1])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 def _exec(module: str, args: list[str]) -> None:
     """Become `python -m module args` (what the worker would have started); never returns.
 
@@ -100,7 +92,9 @@ def _exec(module: str, args: list[str]) -> None:
     starts at an equal share. The worker signals the run by its pid, which stays. Not
     from a terminal's session (nice 0 there): Ctrl-C must still reach it.
     """
-    if _session_nice() > 0:
+    from services.launch import session_nice  # here: the standby imports no attnflow code
+
+    if (session_nice(os.getpid()) or 0) > 0:
         with contextlib.suppress(OSError):  # already a group leader: its own session
             os.setsid()
     os.execv(sys.executable, [sys.executable, "-m", module, *args])

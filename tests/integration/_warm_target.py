@@ -8,16 +8,10 @@ import signal
 import sys
 import time
 
-
-def _session_nice() -> int | None:
-    try:
-        return int(open("/proc/self/autogroup").read().split()[-1])
-    except OSError:
-        return None
-
-
 if __name__ == "__main__":
     preloaded = "xml.dom.minidom" in sys.modules  # before this module imports anything
+    from services.launch import session_nice
+
     if sys.argv[1:2] == ["prefect"]:
         import logging
 
@@ -55,7 +49,7 @@ if __name__ == "__main__":
                 "ppid": os.getppid(),
                 "preloaded": preloaded,
                 "session_leader": os.getsid(0) == os.getpid(),
-                "session_nice": _session_nice(),
+                "session_nice": session_nice(os.getpid()),
             }
         )
     )
