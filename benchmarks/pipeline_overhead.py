@@ -16,10 +16,12 @@ On ml-latest-small, in a fresh copy of the repository (benchmarks/.work/pipeline
 
 Overhead = (flow wall time - bare training time) / bare training time, for the second
 run (the one with a rollout). Rollout bake time is a deliberate wait, so it is reported
-separately and the benchmark uses short bakes (`--bake-s`). Targets: overhead <= 25%,
+separately and the benchmark uses short bakes (`--bake-s`). The whole measurement is
+repeated (`--runs`, a fresh copy each time) and the targets are judged on the medians:
+one run moves by several points with this machine's drift. Targets: overhead <= 25%,
 re-run < 30 s.
 
-    python benchmarks/pipeline_overhead.py [--bake-s 5]
+    python benchmarks/pipeline_overhead.py [--bake-s 5] [--runs 3]
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -285,18 +288,12 @@ def wait_for_spare(root: Path, timeout: float = 180.0) -> float:
     raise SystemExit(f"the warm spare was not up within {timeout:.0f}s")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bake-s", type=float, default=5.0)
-    parser.add_argument(
-        "--out", type=Path, default=ROOT / "benchmarks/results/pipeline_overhead.json"
-    )
-    args = parser.parse_args()
-    os.environ.setdefault("ATTNFLOW_DATA_MIRROR", str(ROOT.parent / "shared" / "data"))
+def measure(bake_s: float) -> dict:
+    """One measurement: bare training, the stack's two retrains and a re-run, bare again."""
     root = fresh_copy()
     set_params(
         root,
-        rollout={"steps": [50, 100], "bake_s": args.bake_s, "replay_rps": 20, "min_requests": 10},
+        rollout={"steps": [50, 100], "bake_s": bake_s, "replay_rps": 20, "min_requests": 10},
     )
     # Bare training runs on the same split with the measured retrain's seed (early
     # stopping makes the epoch count depend on it), before the stack starts and again
@@ -321,9 +318,8 @@ def main() -> None:
     bare_runs.append(bare_training(root, data))
     bare = sum(r[0] for r in bare_runs) / len(bare_runs)
     bare_loop = sum(r[1] for r in bare_runs) / len(bare_runs)
-    bake = args.bake_s * len(rollout["steps"])
-    result = {
-        "dataset": "ml-latest-small",
+    bake = bake_s * len(rollout["steps"])
+    return {
         "bare_training_s": round(bare, 1),
         "bare_training_runs_s (before, after)": [round(r[0], 1) for r in bare_runs],
         "epochs (bare runs, train stage)": [*(r[2] for r in bare_runs), train_report["epochs_run"]],
@@ -343,15 +339,50 @@ def main() -> None:
         "overhead_vs_bare_training": round((second - bare) / bare, 3),
         "overhead_vs_bare_training_excluding_bake": round((second - bake - bare) / bare, 3),
         "rerun_nothing_changed_s": round(rerun, 1),
-        "targets": {"overhead": 0.25, "rerun_s": 30},
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only",
     }
-    result["met"] = (
-        result["overhead_vs_bare_training"] <= 0.25 and result["rerun_nothing_changed_s"] < 30
+
+
+def summarize(runs: list[dict]) -> dict:
+    """The runs and their medians; the targets are judged on the medians.
+
+    One run's overhead moves by 10 points with this machine's drift (its bare runs
+    minutes apart differ by up to 19 %), so a claim rests on the median of several.
+    """
+    keys = (
+        "overhead_vs_bare_training",
+        "overhead_vs_bare_training_excluding_bake",
+        "rerun_nothing_changed_s",
     )
+    median = {k: statistics.median(r[k] for r in runs) for k in keys}
+    return {
+        "dataset": "ml-latest-small",
+        "median_of_runs": len(runs),
+        **{f"median_{k}": v for k, v in median.items()},
+        "targets": {"overhead": 0.25, "rerun_s": 30},
+        "met": median["overhead_vs_bare_training"] <= 0.25
+        and median["rerun_nothing_changed_s"] < 30,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only",
+        "runs": runs,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bake-s", type=float, default=5.0)
+    parser.add_argument("--runs", type=int, default=3, help="measurements; medians judged")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks/results/pipeline_overhead.json"
+    )
+    args = parser.parse_args()
+    os.environ.setdefault("ATTNFLOW_DATA_MIRROR", str(ROOT.parent / "shared" / "data"))
+    runs = []
+    for i in range(args.runs):
+        runs.append(measure(args.bake_s))
+        print(f"run {i + 1}/{args.runs}: {json.dumps(runs[-1], indent=2)}", flush=True)
+    result = summarize(runs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
 
 
 if __name__ == "__main__":
