@@ -86,12 +86,12 @@ def bare_data(root: Path):
     return data
 
 
-def bare_training(root: Path, data) -> tuple[float, float, int]:
+def bare_training(root: Path, data) -> tuple[float, float, int, float]:
     """Train with the same settings on `data`, in-process, nothing around it.
 
     Returns (wall seconds of `train_model`, seconds of its SGD steps alone: the
     `train_seconds` that reports/train.json records, without per-epoch validation,
-    and the epochs it ran).
+    the epochs it ran, and the CPU seconds of those steps).
     """
     from pipelines.config import load_config
     from pipelines.train import train_model
@@ -99,7 +99,8 @@ def bare_training(root: Path, data) -> tuple[float, float, int]:
     cfg = load_config(root / "params.yaml", [f"train.seed={MEASURED_SEED}"])
     t0 = time.perf_counter()
     result = train_model(cfg, data, cache_dir=root / ".attnflow" / "cache")
-    return time.perf_counter() - t0, result.train_seconds, result.epochs_run
+    wall = time.perf_counter() - t0
+    return wall, result.train_seconds, result.epochs_run, result.train_cpu_seconds
 
 
 def attnflow(root: Path, *args: str) -> float:
@@ -329,6 +330,11 @@ def measure(bake_s: float) -> dict:
         "second_retrain_s (with rollout)": round(second, 1),
         "bare_training_sgd_steps_s": round(bare_loop, 1),
         "train_stage_sgd_steps_s": train_report["train_seconds"],
+        # CPU seconds of those steps (all threads of the process): more CPU for the same
+        # steps is a slower CPU (the host, the stack's cache and core sharing); the same
+        # CPU over a longer time is waiting (descheduled, locks)
+        "bare_training_sgd_steps_cpu_s": round(sum(r[3] for r in bare_runs) / len(bare_runs), 1),
+        "train_stage_sgd_steps_cpu_s": train_report.get("train_cpu_seconds"),
         "second_retrain_breakdown_s": breakdown,
         "second_retrain_cpu_s_by_process": cpu.totals(),
         "rollout_status": rollout["status"],

@@ -48,6 +48,9 @@ class TrainResult:
     best_metric: float = float("-inf")
     epochs_run: int = 0
     train_seconds: float = 0.0
+    # this process's CPU seconds (all its threads) over the same steps: against
+    # `train_seconds`, it tells a slower CPU (more CPU per step) from waiting (less)
+    train_cpu_seconds: float = 0.0
     sequences: int = 0
     resumed_from: dict[str, int] | None = None
     device: str = "cpu"
@@ -333,6 +336,7 @@ def train_model(
         result.history = saved["history"]
         result.best_epoch, result.best_metric = saved["best_epoch"], saved["best_metric"]
         result.train_seconds, result.sequences = saved["train_seconds"], saved["sequences"]
+        result.train_cpu_seconds = saved.get("train_cpu_seconds", 0.0)
         bad_epochs = saved["bad_epochs"]
         lr_scale[0] = saved.get("lr_scale", 1.0)
         best_state = saved.get("best_model")
@@ -357,6 +361,7 @@ def train_model(
             "bad_epochs": bad_epochs,
             "lr_scale": lr_scale[0],
             "train_seconds": result.train_seconds,
+            "train_cpu_seconds": result.train_cpu_seconds,
             "sequences": result.sequences,
         }
         if best_state is not None:
@@ -395,7 +400,7 @@ def train_model(
             first = start_step
         model.train()
         losses: list[float] = list(resume_rng["losses"]) if first else []
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         steps = range(first, len(batches))
         if progress and rank == 0:
             from tqdm import tqdm
@@ -447,7 +452,8 @@ def train_model(
                 and done < len(batches)
             ):
                 result.train_seconds += time.perf_counter() - t0
-                t0 = time.perf_counter()
+                result.train_cpu_seconds += time.process_time() - c0
+                t0, c0 = time.perf_counter(), time.process_time()
                 checkpoint(
                     epoch,
                     done,
@@ -461,6 +467,7 @@ def train_model(
             if on_step is not None:
                 on_step(epoch, done)
         result.train_seconds += time.perf_counter() - t0
+        result.train_cpu_seconds += time.process_time() - c0
         if lora is not None:
             lora.refresh()
         row: dict[str, float] = {"epoch": epoch + 1, "loss": float(np.mean(losses or [0.0]))}
@@ -548,6 +555,7 @@ def fit(
     )
     result.encoder = refit.encoder
     result.train_seconds += refit.train_seconds
+    result.train_cpu_seconds += refit.train_cpu_seconds
     result.sequences += refit.sequences
     result.refit_epochs = refit.epochs_run
     return result
@@ -774,6 +782,7 @@ def run(
         "epochs_run": result.epochs_run,
         "refit_epochs": result.refit_epochs,
         "train_seconds": round(result.train_seconds, 2),
+        "train_cpu_seconds": round(result.train_cpu_seconds, 2),
         "sequences_per_s": round(result.sequences_per_s, 1),
         "device": result.device,
         "world_size": result.world_size,

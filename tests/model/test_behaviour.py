@@ -337,6 +337,8 @@ def test_plateau_decay_lowers_the_learning_rate_and_survives_resume(synth_split,
     resumed = train_model(small_config(**over, **{"train.epochs": 5}), data, tmp_path)
     assert resumed.resumed_from == {"epoch": 3, "step": 0}
     assert [h["lr_scale"] for h in resumed.history] == [1.0, 0.5, 0.25, 0.125, 0.0625]
+    # the steps' CPU time is measured like their wall time and carried over a resume
+    assert 0 < first.train_cpu_seconds < resumed.train_cpu_seconds
     constant = train_model(small_config(**{"train.epochs": 2}), data)
     assert [h["lr_scale"] for h in constant.history] == [1.0, 1.0]
 
