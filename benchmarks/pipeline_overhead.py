@@ -381,13 +381,13 @@ def main() -> None:
     )
     args = parser.parse_args()
     os.environ.setdefault("ATTNFLOW_DATA_MIRROR", str(ROOT.parent / "shared" / "data"))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     runs = []
     for i in range(args.runs):
         runs.append(measure(args.bake_s))
         print(f"run {i + 1}/{args.runs}: {json.dumps(runs[-1], indent=2)}", flush=True)
-    result = summarize(runs)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+        result = summarize(runs)  # written after each run: an interrupted series keeps its runs
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
 
 

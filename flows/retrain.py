@@ -341,13 +341,16 @@ def _deploy(root_path: Path, reg: dict[str, Any]) -> dict[str, Any]:
             from pipelines.rollout import RolloutBusy
 
             try:
+                # `follow`: the webhook of the `challenger` alias set above starts a rollout
+                # run of this version too; if that run takes the lock first, this flow
+                # waits for it, so that it still ends with the rollout's outcome
                 out["rollout"] = rollout(
-                    version=reg["version"], root=str(root_path), actor="retrain flow"
+                    version=reg["version"], root=str(root_path), actor="retrain flow", follow=True
                 )
             except RolloutBusy as exc:
-                # the reconciler saw the new `challenger` alias first and is rolling it out
+                # another version's rollout is running: the reconciler starts this one after
                 log.info("v%s: %s", reg["version"], exc)
-                out["rollout"] = {"status": "started elsewhere", "detail": str(exc)}
+                out["rollout"] = {"status": "waiting for another rollout", "detail": str(exc)}
         else:
             log.info(
                 "v%s is challenger; the stack is not up, so no rollout now "

@@ -9,7 +9,8 @@ the challenger, leaves the aliases as they were and tags the version with the re
 Success moves `champion` to the challenger, removes `challenger`, and keeps the old
 champion's service running as a standby for `attnflow rollback`. One rollout at a
 time: a run for the version another run is rolling out already ends at once
-("started elsewhere"); one for another version fails as busy, and the reconciler
+("started elsewhere"), or with `follow` (the retrain flow's) waits for that rollout
+and ends as it did; one for another version fails as busy, and the reconciler
 starts it later. A version whose files differ from its manifest's SHA-256s (or that
 cannot be started at all) is refused before the gateway sees it, tagged
 `rollout.status=refused`.
@@ -51,6 +52,7 @@ from pipelines.rollout import (
     replay,
     rollout_lock,
     step_dict,
+    wait_for_rollout,
     write_report,
 )
 from services.stack import Stack
@@ -153,8 +155,15 @@ def canary_step(
 
 
 @flow(name="rollout")
-def rollout(version: str | None = None, root: str = ".", actor: str = "rollout flow") -> dict:
-    """Canary `version` (default: the `challenger` alias) and promote or roll it back."""
+def rollout(
+    version: str | None = None, root: str = ".", actor: str = "rollout flow", follow: bool = False
+) -> dict:
+    """Canary `version` (default: the `challenger` alias) and promote or roll it back.
+
+    `follow`: if another run is rolling out this same version, wait for it and end as it
+    did (its report, or its failure) instead of at once; if it ended without a report
+    (it died), roll the version out here.
+    """
     log = get_run_logger()
     root_path = Path(root).resolve()
     cfg = load_config(root_path / "params.yaml")
@@ -170,10 +179,13 @@ def rollout(version: str | None = None, root: str = ".", actor: str = "rollout f
         except RolloutBusy as exc:
             if exc.version != str(version):
                 raise  # another version's rollout: this one waits for the reconciler
-            # The same version, already under way: the retrain flow rolling out the
-            # challenger it registered, while the webhook of that alias started this run.
+            # The same version, already under way: the challenger alias that a retrain
+            # set starts a run through its webhook, and whichever run takes the lock
+            # first rolls the version out.
             log.info("v%s: %s", version, exc)
-            return {"status": "started elsewhere", "version": version, "detail": str(exc)}
+            if not follow:
+                return {"status": "started elsewhere", "version": version, "detail": str(exc)}
+            return _followed(state, version, root, actor)
         try:
             return _canary(stack, version, root_path, cfg, actor)
         finally:
@@ -183,6 +195,20 @@ def rollout(version: str | None = None, root: str = ".", actor: str = "rollout f
                 stack.ensure_spare()
             except Exception as exc:  # no spare: the next rollout starts its challenger cold
                 log.warning("no warm spare started: %s", exc)
+
+
+def _followed(state: Path, version: str, root: str, actor: str) -> dict:
+    """The outcome of the other run's rollout of `version`, once it has ended."""
+    report = wait_for_rollout(state, version)
+    if report is None:
+        get_run_logger().info("v%s: the other rollout ended without a report; rolling out", version)
+        return rollout.fn(version=version, root=root, actor=actor, follow=True)
+    get_run_logger().info("v%s: the other rollout ended: %s", version, report.get("status"))
+    if report.get("status") != "promoted":
+        status = report.get("status")
+        reason = str(report.get("reason", status))
+        raise RolloutFailed(f"rollout of v{version} {status}: {reason}", version, reason)
+    return {**report, "ran_in": "another flow run"}
 
 
 def _canary(stack: Stack, version: str, root_path: Path, cfg: Any, actor: str) -> dict:

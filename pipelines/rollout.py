@@ -101,6 +101,24 @@ def rollout_holder(state: Path) -> str | None:
         return str(exc)
 
 
+def wait_for_rollout(state: Path, version: str, poll_s: float = 0.5) -> dict[str, Any] | None:
+    """Wait until the rollout running now ends; the report it wrote for `version`, if any.
+
+    The lock is released when its holder ends, whichever way (the kernel drops a dead
+    process's lock), so this wait ends too. None: no report for `version` was written
+    during the wait (the holder died mid-way, or it was rolling out another version).
+    """
+    folder = state / "rollouts"
+    before = set(folder.glob("*.json"))  # nothing when the folder is not there yet
+    while rollout_holder(state) is not None:
+        time.sleep(poll_s)
+    for path in sorted(set(folder.glob("*.json")) - before, reverse=True):
+        report = json.loads(path.read_text())
+        if str(report.get("version")) == str(version):
+            return report
+    return None
+
+
 class GatewayClient:
     """The canary gateway's admin API (bearer token from `ATTNFLOW_ADMIN_TOKEN`)."""
 

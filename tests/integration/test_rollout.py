@@ -36,6 +36,7 @@ from pipelines.registry import (
 from pipelines.rollout import RolloutBusy, RolloutFailed, rollout_holder, rollout_lock
 from services.launch import free_port, spawn
 from services.stack import MLFLOW_WEBHOOK_ENV, SPARE, LocalStack, register_webhook
+from tests.code.test_rollout_wait import hold_rollout_lock
 from tests.conftest import QUICK_ROLLOUT, REPO, spawn_mlflow, venv_env
 from tests.model.conftest import make_split
 
@@ -316,6 +317,29 @@ def test_a_second_rollout_while_one_runs_is_refused(platform):
     with rollout_lock(state_dir(root), version):
         report = _rollout(root, version)
     assert report["status"] == "started elsewhere" and f"version {version}," in report["detail"]
+    # With `follow` (the retrain flow's), it waits for that other run and ends as it did:
+    # with its report when it promoted, with its failure when it rolled back ...
+    from flows.rollout import rollout
+
+    state = state_dir(root)
+    promoted = {"version": version, "status": "promoted", "steps": [{"weight": 50}]}
+    other = hold_rollout_lock(state, version, 1.0, promoted)
+    report = rollout(version=version, root=str(root), actor="test", follow=True)
+    other.join()
+    assert report["status"] == "promoted" and report["ran_in"] == "another flow run"
+    assert report["steps"] == [{"weight": 50}]
+    failed = {"version": version, "status": "rolled back", "reason": "weight 50%: p99_latency"}
+    other = hold_rollout_lock(state, version, 1.0, failed)
+    with pytest.raises(RolloutFailed, match="rolled back: weight 50%: p99_latency"):
+        rollout(version=version, root=str(root), actor="test", follow=True)
+    other.join()
+    # ... and when it died without a report, it rolls the version out itself (here the
+    # served champion's version, so that this rollout leaves everything as it was)
+    champion = platform["stack"].served()[CHAMPION]["version"]
+    other = hold_rollout_lock(state, champion, 1.0, None)
+    report = rollout(version=champion, root=str(root), actor="test", follow=True)
+    other.join()
+    assert report == {"status": "already champion", "version": champion}
     # and through the CLI: exit code 5, one line
     with rollout_lock(state_dir(root), "held by this test"):
         proc = subprocess.run(
