@@ -175,6 +175,13 @@ def _running(proc: psutil.Process) -> bool:
         return False
 
 
+def _pid_running(pid: int) -> bool:
+    try:
+        return _running(psutil.Process(pid))
+    except psutil.Error:
+        return False
+
+
 def _stop(handles: list[Handle], timeout: float) -> None:
     """SIGTERM every leader (BentoML's arbiter stops its workers), then SIGKILL leftovers."""
     pids = {id(h): h.descendants() for h in handles}
@@ -366,12 +373,20 @@ def start_spare_service(
     )
 
 
-def adopt(url: str, source: str, variant: str, token: str, timeout: float = 120.0) -> dict:
+def adopt(
+    url: str,
+    source: str,
+    variant: str,
+    token: str,
+    timeout: float = 120.0,
+    pid: int | None = None,
+) -> dict:
     """Have the spare at `url` take on `source` (model folder or models:/ URI) as `variant`.
 
     Waits for a spare that is still warming up. Returns its /info once it is ready;
     raises `LaunchError` when it refuses (not a waiting spare, wrong token) or cannot
-    load the model, or is not up within `timeout` seconds.
+    load the model, or is not up within `timeout` seconds. `pid`: the spare's process;
+    once it is gone (stopped by `attnflow down`, say), there is nothing to wait for.
     """
     body = json.dumps({"source": source, "variant": variant}).encode()
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
@@ -388,6 +403,8 @@ def adopt(url: str, source: str, variant: str, token: str, timeout: float = 120.
                 f"the spare at {url} did not adopt {source}: {exc.code} {detail}"
             ) from None
         except OSError as exc:  # not listening yet: still warming up
+            if pid is not None and not _pid_running(pid):
+                raise LaunchError(f"the spare at {url} (pid {pid}) exited") from None
             if left <= 0:
                 raise LaunchError(
                     f"the spare at {url} was not up in {timeout:.0f}s: {exc}"

@@ -42,6 +42,7 @@ from services.launch import (
     start_gateway,
     start_model_service,
     start_spare_service,
+    wait_ready_or_relaunch,
 )
 from services.warmstart import SOCKET_ENV, socket_path
 
@@ -49,6 +50,12 @@ log = logging.getLogger(__name__)
 
 STANDBY = "standby"
 SPARE = "spare"  # a warm model service with no model yet: the next challenger or champion
+# State keys besides components and models. STARTING: model services on their way into a
+# role (a cold start, a spare adopting a version), by pid, so that `down` finds them.
+# DOWN: set by `attnflow down` and cleared by `attnflow up`; no model service starts
+# in between (a rollout that was in flight when the stack went down, say).
+STARTING = "starting"
+DOWN = "down"
 # Scaled-out back ends for `attnflow up` (defaults: SQLite and a local folder). Prefect's
 # server reads PREFECT_API_DATABASE_CONNECTION_URL itself.
 MLFLOW_BACKEND_ENV = "ATTNFLOW_MLFLOW_BACKEND_URI"  # e.g. postgresql+psycopg2://...
@@ -99,6 +106,10 @@ def stop_pids(pids: list[int], timeout: float = 15.0) -> None:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and any(_alive(p) for p in pids):
         time.sleep(0.1)
+
+
+def _down_error(what: str) -> StackError:
+    return StackError(f"the stack is down: {what}; start it with `attnflow up`")
 
 
 def _tree(rec: dict[str, Any]) -> list[int]:
@@ -239,28 +250,71 @@ class Stack:
         The warm spare takes the version on when there is one (about a second);
         otherwise a service starts cold, given the pinned URI (`models:/<name>/<version>`)
         so that it reports its version. `folder` is where that version was fetched to.
+        The service is in the state from its first second (`STARTING`), so that
+        `attnflow down` stops it; raises `StackError` when the stack went down meanwhile.
         """
         from pipelines.registry import model_name
 
         old = self.read()["models"].get(role)
         uri = f"models:/{model_name()}/{version}"
-        rec = self._adopt_spare(uri, version, folder, role)
-        if rec is None:
+        rec = self._adopt_spare(uri, version, folder, role) or self._start_cold(
+            uri, version, folder, role
+        )
+        with self._locked() as state:
+            state.get(STARTING, {}).pop(str(rec["pid"]), None)
+            down = bool(state.get(DOWN))
+            if not down:
+                state["models"][role] = rec
+        if down:
+            stop_pids(_tree(rec))
+            raise _down_error(f"v{version} was not started as {role}")
+        if old and old["pid"] != rec["pid"]:
+            stop_pids(_tree(old))
+        return rec
+
+    def _start_cold(self, uri: str, version: str, folder: str, role: str) -> dict[str, Any]:
+        """A new model service for `uri`, recorded as starting until it is ready."""
+        host = self.cfg.serve.host
+        extra = {"version": str(version), "folder": str(folder), "role": role}
+        launched: list[Handle] = []
+
+        def launch() -> Handle:
             handle = start_model_service(
                 uri,
-                port=free_port(self.cfg.serve.host),
-                host=self.cfg.serve.host,
+                port=free_port(host),
+                host=host,
                 variant=role,
                 feedback_log=self.root / self.cfg.serve.feedback_log,
                 env=self._model_env(),
                 log_dir=self.run_dir,
+                wait=False,
             )
-            rec = _record(handle, version=str(version), folder=str(folder), role=role)
+            self._claim(_record(handle, **extra))
+            launched.append(handle)
+            return handle
+
+        handle = None
+        try:
+            handle = wait_ready_or_relaunch(launch(), launch)
+        except LaunchError:
+            if self.read().get(DOWN):  # `down` stopped it while it was starting
+                raise _down_error(f"v{version} was not started as {role}") from None
+            raise
+        finally:  # those given up on (a taken port, a failure) are stopped already
+            for gone in launched:
+                if gone is not handle:
+                    self._forget(gone.pid)
+        return _record(handle, **extra)
+
+    def _claim(self, rec: dict[str, Any]) -> None:
+        """Record a model service that is starting; stop it when the stack is down."""
         with self._locked() as state:
-            state["models"][role] = rec
-        if old and old["pid"] != rec["pid"]:
-            stop_pids(_tree(old))
-        return rec
+            down = bool(state.get(DOWN))
+            if not down:
+                state.setdefault(STARTING, {})[str(rec["pid"])] = rec
+        if down:
+            stop_pids(_tree(rec))
+            raise _down_error("no model service is started")
 
     def _model_env(self) -> dict[str, str]:
         return {"ATTNFLOW_ROOT": str(self.root), "ATTNFLOW_PARAMS": str(self.root / "params.yaml")}
@@ -276,7 +330,10 @@ class Stack:
         """
         if not self.cfg.serve.warm_spare:
             return None
-        spare = self.read()["models"].get(SPARE)
+        state = self.read()
+        if state.get(DOWN):
+            return None
+        spare = state["models"].get(SPARE)
         if spare and _alive(spare["pid"]):
             return spare
         handle = start_spare_service(
@@ -291,27 +348,50 @@ class Stack:
         set_session_nice(handle.pid, self.cfg.serve.control_plane_nice)
         rec = _record(handle, version=None, folder=None, role=SPARE)
         with self._locked() as state:
-            state["models"][SPARE] = rec
+            down = bool(state.get(DOWN))
+            if not down:
+                state["models"][SPARE] = rec
+        if down:  # the stack went down while it was being started
+            stop_pids(_tree(rec))
+            return None
         return rec
 
     def _adopt_spare(self, uri: str, version: str, folder: str, role: str) -> dict[str, Any] | None:
-        """The spare, now serving `uri` in `role`; None when there is no spare or it failed."""
+        """The spare, now serving `uri` in `role`; None when there is no spare or it failed.
+
+        While it adopts, the spare is recorded as starting (not as the spare, which the
+        next rollout would take too).
+        """
         with self._locked() as state:
-            spare = state["models"].pop(SPARE, None)
+            spare = None if state.get(DOWN) else state["models"].pop(SPARE, None)
+            if spare:
+                starting = {**spare, "version": str(version), "role": role}
+                state.setdefault(STARTING, {})[str(spare["pid"])] = starting
         if not spare:
             return None
         if not _alive(spare["pid"]):
-            stop_pids(_tree(spare))  # whatever of it is left
+            self._drop(spare)  # whatever of it is left
             return None
         set_session_nice(spare["pid"], 0)  # it serves now: back to an equal share
+        token = self.secrets()["ATTNFLOW_ADMIN_TOKEN"]
         try:
-            adopt(spare["url"], uri, role, self.secrets()["ATTNFLOW_ADMIN_TOKEN"], timeout=120)
+            adopt(spare["url"], uri, role, token, timeout=120, pid=spare["pid"])
         except LaunchError as exc:
             log.warning("%s; starting a model service for v%s instead", exc, version)
-            stop_pids(_tree(spare))
+            self._drop(spare)
             return None
         pids = sorted({*spare.get("pids", []), *live_descendants(spare["pid"])})
         return {**spare, "pids": pids, "version": str(version), "folder": str(folder), "role": role}
+
+    def _drop(self, rec: dict[str, Any]) -> None:
+        """Stop a model service that is starting and forget it."""
+        stop_pids(_tree(rec))
+        self._forget(rec["pid"])
+
+    def _forget(self, pid: int) -> None:
+        """Take a model service off the starting list (it is serving, or stopped)."""
+        with self._locked() as state:
+            state.get(STARTING, {}).pop(str(pid), None)
 
     def stop_role(self, role: str) -> None:
         """Stop the model service in `role`, if any."""
@@ -353,20 +433,40 @@ class Stack:
             {"name": f"model:{r}", **m, "alive": _alive(m["pid"])}
             for r, m in state["models"].items()
         ]
+        rows += [
+            {"name": f"model:{m['role']} (starting)", **m, "alive": _alive(m["pid"])}
+            for m in state.get(STARTING, {}).values()
+        ]
         return rows
 
     def down(self) -> list[str]:
-        """Stop every process of the stack (models first, then the rest, newest first)."""
-        state = self.read()
-        stopped = []
-        for role, rec in list(state["models"].items()):
-            stop_pids(_tree(rec))
-            stopped.append(f"model:{role}")
-        for name, rec in reversed(list(state["components"].items())):
-            stop_pids(_tree(rec))  # a worker's flow runs in flight included
-            stopped.append(name)
-        with self._locked() as st:
-            st["components"], st["models"] = {}, {}
+        """Stop every process of the stack (models first, then the rest, newest first).
+
+        Marks the stack down first, so that a rollout in flight starts no model service
+        after this looked; what it recorded meanwhile is stopped in a further pass.
+        """
+        with self._locked() as state:
+            state[DOWN] = True
+        stopped: list[str] = []
+        done: set[int] = set()
+        while True:
+            with self._locked() as state:
+                todo = [
+                    *((f"model:{role}", rec) for role, rec in state["models"].items()),
+                    *(
+                        (f"model:{rec['role']} (starting)", rec)
+                        for rec in state.get(STARTING, {}).values()
+                    ),
+                    *reversed(list(state["components"].items())),
+                ]
+                todo = [(name, rec) for name, rec in todo if rec["pid"] not in done]
+                if not todo:  # nothing recorded since the last pass: forget it all
+                    state["components"], state["models"], state[STARTING] = {}, {}, {}
+                    break
+            for name, rec in todo:
+                stop_pids(_tree(rec))  # a worker's flow runs in flight included
+                done.add(rec["pid"])
+                stopped.append(name)
         return stopped
 
 
@@ -515,6 +615,8 @@ class LocalStack(Stack):
         """Start whatever part of the stack is not running; returns the URLs."""
         urls, env, state = self.urls(), self.env(), state_dir(self.root)
         s = self.cfg.serve
+        with self._locked() as st:
+            st.pop(DOWN, None)  # model services may start again
         os.environ.update(env)  # this process talks to the servers it starts
         if not self._running("mlflow"):
             progress("starting the MLflow server")

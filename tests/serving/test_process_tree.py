@@ -1,4 +1,5 @@
-"""`attnflow down` stops what a component started after it came up (a worker's flow runs)."""
+"""`attnflow down` stops what a component started after it came up (a worker's flow runs),
+and the model service a rollout in flight was bringing up."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import contextlib
 import os
 import shutil
 import sys
+import threading
 import time
 
 import psutil
 
 from services.launch import free_port, live_descendants, spawn
-from services.stack import Stack
+from services.stack import Stack, StackError
 from tests.conftest import REPO
 
 # Like a Prefect worker: after it is up (and recorded), it starts a flow run in a
@@ -50,6 +52,67 @@ def test_down_stops_a_process_the_component_started_after_up(tmp_path):
             with contextlib.suppress(psutil.Error):
                 psutil.Process(pid).kill()
         handle.proc.wait(timeout=10)
+
+
+# Like a warm spare that takes its time to adopt a version: it answers no POST /adopt.
+SLOW_SPARE = (
+    "import http.server, pathlib, sys, time\n"
+    "class Adopt(http.server.BaseHTTPRequestHandler):\n"
+    "    def do_POST(self):\n"
+    "        pathlib.Path(sys.argv[2]).touch()\n"
+    "        time.sleep(120)\n"
+    "http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), Adopt).serve_forever()\n"
+)
+
+
+def _running_children() -> set[int]:
+    procs = psutil.Process().children(recursive=True)
+    return {p.pid for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE}
+
+
+def test_down_stops_the_spare_a_rollout_is_adopting_and_nothing_starts_after(tmp_path):
+    # Before, the rollout took the spare off the state while it adopted the version:
+    # `down` in that second left the spare running, and the rollout then started a
+    # model service cold into a stack that was down.
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    stack = Stack(tmp_path)
+    port, asked = free_port(), tmp_path / "adopt-asked"
+    before = _running_children()
+    spare = spawn("model-spare", [sys.executable, "-c", SLOW_SPARE, str(port), str(asked)], port)
+    with stack._locked() as state:  # what `ensure_spare` records
+        state["models"]["spare"] = {"pid": spare.pid, "pids": [], "url": spare.url, "role": "spare"}
+    errors: list[BaseException] = []
+
+    def rollout() -> None:  # the rollout flow's start-challenger task
+        try:
+            stack.start_model("7", str(tmp_path), "challenger")
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=rollout)
+    try:
+        thread.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not asked.exists():
+            time.sleep(0.05)
+        assert asked.exists(), "the rollout never asked the spare to adopt"
+        assert [row["name"] for row in stack.status()] == ["model:challenger (starting)"]
+
+        assert stack.down() == ["model:challenger (starting)"]
+        spare.proc.wait(timeout=10)
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "the rollout kept waiting for a spare that is gone"
+        assert len(errors) == 1 and isinstance(errors[0], StackError), errors
+        assert "the stack is down" in str(errors[0])
+        assert stack.ensure_spare() is None  # no new spare either, until `attnflow up`
+        assert _running_children() == before  # the cold start it tried was stopped
+        state = stack.read()
+        assert state["models"] == {} and state["starting"] == {} and state["down"]
+    finally:
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(spare.pid).kill()
+        spare.proc.wait(timeout=10)
+        thread.join(timeout=60)
 
 
 def test_a_pid_that_is_not_a_spawned_service_yields_no_descendants():
