@@ -260,13 +260,7 @@ class Stack:
         rec = self._adopt_spare(uri, version, folder, role) or self._start_cold(
             uri, version, folder, role
         )
-        with self._locked() as state:
-            state.get(STARTING, {}).pop(str(rec["pid"]), None)
-            down = bool(state.get(DOWN))
-            if not down:
-                state["models"][role] = rec
-        if down:
-            stop_pids(_tree(rec))
+        if not self._put(rec, role):
             raise _down_error(f"v{version} was not started as {role}")
         if old and old["pid"] != rec["pid"]:
             stop_pids(_tree(old))
@@ -308,13 +302,24 @@ class Stack:
 
     def _claim(self, rec: dict[str, Any]) -> None:
         """Record a model service that is starting; stop it when the stack is down."""
+        if not self._put(rec, None):
+            raise _down_error("no model service is started")
+
+    def _put(self, rec: dict[str, Any], role: str | None) -> bool:
+        """Record a model service in `role` (None: as starting), off the starting list
+        otherwise; when the stack is down, stop it instead and return False."""
         with self._locked() as state:
             down = bool(state.get(DOWN))
             if not down:
-                state.setdefault(STARTING, {})[str(rec["pid"])] = rec
+                starting = state.setdefault(STARTING, {})
+                if role is None:
+                    starting[str(rec["pid"])] = rec
+                else:
+                    starting.pop(str(rec["pid"]), None)
+                    state["models"][role] = rec
         if down:
             stop_pids(_tree(rec))
-            raise _down_error("no model service is started")
+        return not down
 
     def _model_env(self) -> dict[str, str]:
         return {"ATTNFLOW_ROOT": str(self.root), "ATTNFLOW_PARAMS": str(self.root / "params.yaml")}
@@ -347,14 +352,7 @@ class Stack:
         )
         set_session_nice(handle.pid, self.cfg.serve.control_plane_nice)
         rec = _record(handle, version=None, folder=None, role=SPARE)
-        with self._locked() as state:
-            down = bool(state.get(DOWN))
-            if not down:
-                state["models"][SPARE] = rec
-        if down:  # the stack went down while it was being started
-            stop_pids(_tree(rec))
-            return None
-        return rec
+        return rec if self._put(rec, SPARE) else None  # None: the stack went down meanwhile
 
     def _adopt_spare(self, uri: str, version: str, folder: str, role: str) -> dict[str, Any] | None:
         """The spare, now serving `uri` in `role`; None when there is no spare or it failed.
