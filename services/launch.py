@@ -175,7 +175,8 @@ def _running(proc: psutil.Process) -> bool:
         return False
 
 
-def _pid_running(pid: int) -> bool:
+def pid_running(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie does not)."""
     try:
         return _running(psutil.Process(pid))
     except psutil.Error:
@@ -403,7 +404,7 @@ def adopt(
                 f"the spare at {url} did not adopt {source}: {exc.code} {detail}"
             ) from None
         except OSError as exc:  # not listening yet: still warming up
-            if pid is not None and not _pid_running(pid):
+            if pid is not None and not pid_running(pid):
                 raise LaunchError(f"the spare at {url} (pid {pid}) exited") from None
             if left <= 0:
                 raise LaunchError(

@@ -26,8 +26,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from pipelines.config import load_config
 from pipelines.errors import AttnflowError
 from pipelines.registry import CHALLENGER, CHAMPION, state_dir
@@ -37,6 +35,7 @@ from services.launch import (
     adopt,
     free_port,
     live_descendants,
+    pid_running,
     set_session_nice,
     spawn,
     start_gateway,
@@ -73,13 +72,7 @@ class StackError(AttnflowError):
 
 
 def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        proc = psutil.Process(pid)
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+    return bool(pid) and pid_running(pid)
 
 
 def stop_pids(pids: list[int], timeout: float = 15.0) -> None:
