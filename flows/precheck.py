@@ -49,6 +49,8 @@ def decide(root: Path) -> tuple[Action, str]:
         return Action("none", reason="stack not up"), (
             "the serving stack is not up; nothing to reconcile"
         )
+    # a rollout that died while its challenger came up left that service running
+    reaped = stack.reap_abandoned()
     now = aliases(root=root)
     served = (stack.served().get("champion") or {}).get("version")
     action = plan(now, served, _statuses(root, set(now.values())))
@@ -56,6 +58,8 @@ def decide(root: Path) -> tuple[Action, str]:
         f"aliases {now}, serving v{served}: {action.kind} "
         f"({action.reason}; CPU niceness {os.nice(0)})"
     )
+    if reaped:
+        line += f"; stopped {', '.join(reaped)}: the rollout bringing it up is gone"
     return action, line
 
 

@@ -186,6 +186,8 @@ def rollout(
             if not follow:
                 return {"status": "started elsewhere", "version": version, "detail": str(exc)}
             return _followed(state, version, root, actor)
+        for name in stack.reap_abandoned():  # an earlier rollout's, which died meanwhile
+            log.warning("stopped %s: the rollout bringing it up is gone", name)
         try:
             return _canary(stack, version, root_path, cfg, actor)
         finally:

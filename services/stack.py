@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 STANDBY = "standby"
 SPARE = "spare"  # a warm model service with no model yet: the next challenger or champion
 # State keys besides components and models. STARTING: model services on their way into a
-# role (a cold start, a spare adopting a version), by pid, so that `down` finds them.
+# role (a cold start, a spare adopting a version), by pid, so that `down` finds them; each
+# names its `owner`, the process bringing it up (a rollout's flow run, `attnflow up`).
 # DOWN: set by `attnflow down` and cleared by `attnflow up`; no model service starts
 # in between (a rollout that was in flight when the stack went down, say).
 STARTING = "starting"
@@ -276,7 +277,7 @@ class Stack:
                 log_dir=self.run_dir,
                 wait=False,
             )
-            self._claim(_record(handle, **extra))
+            self._claim(_record(handle, **extra, owner=os.getpid()))
             launched.append(handle)
             return handle
 
@@ -356,7 +357,7 @@ class Stack:
         with self._locked() as state:
             spare = None if state.get(DOWN) else state["models"].pop(SPARE, None)
             if spare:
-                starting = {**spare, "version": str(version), "role": role}
+                starting = {**spare, "version": str(version), "role": role, "owner": os.getpid()}
                 state.setdefault(STARTING, {})[str(spare["pid"])] = starting
         if not spare:
             return None
@@ -383,6 +384,33 @@ class Stack:
         """Take a model service off the starting list (it is serving, or stopped)."""
         with self._locked() as state:
             state.get(STARTING, {}).pop(str(pid), None)
+
+    def reap_abandoned(self) -> list[str]:
+        """Stop the model services whose start was abandoned: those recorded as starting
+        whose owner process is gone (a rollout's flow run that crashed or was killed
+        while its challenger came up). Returns what was stopped, as `status` names it.
+
+        Nothing else would: `down` stops them, but the stack may stay up for weeks.
+        """
+        with self._locked() as state:
+            starting = state.get(STARTING, {})
+            gone = {
+                pid: rec
+                for pid, rec in starting.items()
+                if rec.get("owner") and not _alive(rec["owner"])
+            }
+            for pid in gone:
+                del starting[pid]
+        for rec in gone.values():
+            log.warning(
+                "model service pid %s for v%s was left starting by pid %s, which is gone; "
+                "stopping it",
+                rec["pid"],
+                rec.get("version"),
+                rec["owner"],
+            )
+            stop_pids(_tree(rec))
+        return [f"model:{rec['role']} (starting)" for rec in gone.values()]
 
     def stop_role(self, role: str) -> None:
         """Stop the model service in `role`, if any."""
@@ -793,6 +821,8 @@ class LocalStack(Stack):
         from pipelines.registry import fetch_model, get_alias, model_name
         from pipelines.rollout import GatewayClient
 
+        for name in self.reap_abandoned():
+            progress(f"stopped {name}: the process bringing it up is gone")
         champion = get_alias(CHAMPION, root=self.root)
         served = self.served().get(CHAMPION)
         if champion is not None and (served is None or served["version"] != champion):

@@ -1,11 +1,13 @@
 """`attnflow down` stops what a component started after it came up (a worker's flow runs),
-and the model service a rollout in flight was bringing up."""
+and the model service a rollout in flight was bringing up; the reconciler stops the one a
+rollout that died left behind."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -113,6 +115,48 @@ def test_down_stops_the_spare_a_rollout_is_adopting_and_nothing_starts_after(tmp
             psutil.Process(spare.pid).kill()
         spare.proc.wait(timeout=10)
         thread.join(timeout=60)
+
+
+# The rollout flow's start-challenger step, in a process of its own (a flow run).
+ROLLOUT = (
+    "import sys\n"
+    "from services.stack import Stack\n"
+    "Stack(sys.argv[1]).start_model('7', sys.argv[1], 'challenger')\n"
+)
+
+
+def test_the_service_a_rollout_that_died_left_starting_is_stopped_and_forgotten(tmp_path):
+    # A flow run killed while the spare adopted its version left the spare serving
+    # nobody, recorded as starting, until the next `attnflow down`.
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    stack = Stack(tmp_path)
+    port, asked = free_port(), tmp_path / "adopt-asked"
+    spare = spawn("model-spare", [sys.executable, "-c", SLOW_SPARE, str(port), str(asked)], port)
+    with stack._locked() as state:  # what `ensure_spare` records
+        state["models"]["spare"] = {"pid": spare.pid, "pids": [], "url": spare.url, "role": "spare"}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.Popen([sys.executable, "-c", ROLLOUT, str(tmp_path)], cwd=REPO, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not asked.exists():
+            time.sleep(0.05)
+        assert asked.exists(), "the rollout never asked the spare to adopt"
+        assert stack.reap_abandoned() == []  # its rollout is still at it: left alone
+        assert [row["name"] for row in stack.status()] == ["model:challenger (starting)"]
+        assert spare.proc.poll() is None
+
+        run.kill()
+        run.wait(timeout=10)
+        assert stack.reap_abandoned() == ["model:challenger (starting)"]
+        spare.proc.wait(timeout=10)
+        assert stack.status() == []
+        assert stack.read()["starting"] == {}
+        assert stack.reap_abandoned() == []
+    finally:
+        for proc in (run, spare.proc):
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait(timeout=10)
 
 
 def test_a_pid_that_is_not_a_spawned_service_yields_no_descendants():
