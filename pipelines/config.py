@@ -388,8 +388,11 @@ class RolloutConfig(Section):
     bake_s: float = Field(30.0, ge=0)  # time at each step before its checks
     min_requests: int = Field(20, ge=0)  # challenger requests a step needs before judging it
     max_error_rate: float = Field(0.01, ge=0, le=1)
-    max_p99_ratio: float = Field(1.5, gt=0)  # challenger p99 vs champion p99
+    # Tail latency: challenger vs champion at p99, or at p90 / p50 when a step has too
+    # few requests for p99 to be more than the one slowest (`tail_requests`)
+    max_p99_ratio: float = Field(1.5, gt=0)  # challenger tail vs champion tail
     p99_slack_ms: float = Field(10.0, ge=0)  # absolute slack on top of the ratio
+    tail_requests: int = Field(3, ge=1)  # requests a side above the quantile judged
     replay_requests: int = Field(50, ge=1)  # requests replayed to both for agreement
     min_agreement: float = Field(0.2, ge=0, le=1)  # mean overlap@k with the champion
     min_feedback: int = Field(200, ge=0)  # impressions per variant before CTR is judged

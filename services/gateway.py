@@ -33,7 +33,7 @@ are counted per variant (an `event_id` already counted is not counted again).
 Metrics. `GET /metrics` (Prometheus, monotonic since start): requests, errors and
 latency by variant, retries, feedback events by variant and type, weight, backend
 readiness. `GET /admin/state` reports the *window* since the last
-`POST /admin/reset-stats`: requests, errors, p50/p99 latency, impressions, clicks per
+`POST /admin/reset-stats`: requests, errors, p50/p90/p99 latency, impressions, clicks per
 variant; that is what a rollout step judges.
 
 Admin (bearer token from `ATTNFLOW_ADMIN_TOKEN`; without it the admin API is shut):
@@ -146,6 +146,7 @@ class Window:
             "requests": self.requests,
             "errors": self.errors,
             "p50_ms": self.latency.quantile(0.50),
+            "p90_ms": self.latency.quantile(0.90),
             "p99_ms": self.latency.quantile(0.99),
             "impressions": self.impressions,
             "clicks": self.clicks,

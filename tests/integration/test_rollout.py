@@ -294,7 +294,7 @@ def test_slow_challenger_is_rolled_back_for_latency(platform, monkeypatch):
     with monkeypatch.context() as mp:
         mp.setenv("ATTNFLOW_TEST_DELAY_MS", "400")  # inherited by the challenger only
         stack.stop_role(SPARE)
-        _rolled_back(platform, version, "p99_latency")
+        _rolled_back(platform, version, "tail_latency")
         stack.stop_role(SPARE)
     stack.ensure_spare()
 

@@ -163,6 +163,7 @@ def test_stats_window_resets_and_counts_each_variant(gateway, admin, users):
             "requests": 0,
             "errors": 0,
             "p50_ms": None,
+            "p90_ms": None,
             "p99_ms": None,
             "impressions": 0,
             "clicks": 0,
@@ -172,7 +173,7 @@ def test_stats_window_resets_and_counts_each_variant(gateway, admin, users):
     for v in ("champion", "challenger"):
         assert stats[v]["requests"] == served.count(v) > 0
         assert stats[v]["errors"] == 0
-        assert 0 < stats[v]["p50_ms"] <= stats[v]["p99_ms"] < 1000
+        assert 0 < stats[v]["p50_ms"] <= stats[v]["p90_ms"] <= stats[v]["p99_ms"] < 1000
 
 
 def test_feedback_is_written_and_counted_by_variant(gateway, admin, services, users):
