@@ -72,17 +72,31 @@ def _running_children() -> set[int]:
     return {p.pid for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE}
 
 
+def _stack_with_slow_spare(tmp_path):
+    """A stack folder whose recorded spare is a SLOW_SPARE; (stack, its handle, the file
+    it touches when asked to adopt)."""
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    stack = Stack(tmp_path)
+    port, asked = free_port(), tmp_path / "adopt-asked"
+    spare = spawn("model-spare", [sys.executable, "-c", SLOW_SPARE, str(port), str(asked)], port)
+    with stack._locked() as state:  # what `ensure_spare` records
+        state["models"]["spare"] = {"pid": spare.pid, "pids": [], "url": spare.url, "role": "spare"}
+    return stack, spare, asked
+
+
+def _wait_for(path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not path.exists():
+        time.sleep(0.05)
+    assert path.exists(), "the rollout never asked the spare to adopt"
+
+
 def test_down_stops_the_spare_a_rollout_is_adopting_and_nothing_starts_after(tmp_path):
     # Before, the rollout took the spare off the state while it adopted the version:
     # `down` in that second left the spare running, and the rollout then started a
     # model service cold into a stack that was down.
-    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
-    stack = Stack(tmp_path)
-    port, asked = free_port(), tmp_path / "adopt-asked"
     before = _running_children()
-    spare = spawn("model-spare", [sys.executable, "-c", SLOW_SPARE, str(port), str(asked)], port)
-    with stack._locked() as state:  # what `ensure_spare` records
-        state["models"]["spare"] = {"pid": spare.pid, "pids": [], "url": spare.url, "role": "spare"}
+    stack, spare, asked = _stack_with_slow_spare(tmp_path)
     errors: list[BaseException] = []
 
     def rollout() -> None:  # the rollout flow's start-challenger task
@@ -94,10 +108,7 @@ def test_down_stops_the_spare_a_rollout_is_adopting_and_nothing_starts_after(tmp
     thread = threading.Thread(target=rollout)
     try:
         thread.start()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not asked.exists():
-            time.sleep(0.05)
-        assert asked.exists(), "the rollout never asked the spare to adopt"
+        _wait_for(asked)
         assert [row["name"] for row in stack.status()] == ["model:challenger (starting)"]
 
         assert stack.down() == ["model:challenger (starting)"]
@@ -128,19 +139,11 @@ ROLLOUT = (
 def test_the_service_a_rollout_that_died_left_starting_is_stopped_and_forgotten(tmp_path):
     # A flow run killed while the spare adopted its version left the spare serving
     # nobody, recorded as starting, until the next `attnflow down`.
-    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
-    stack = Stack(tmp_path)
-    port, asked = free_port(), tmp_path / "adopt-asked"
-    spare = spawn("model-spare", [sys.executable, "-c", SLOW_SPARE, str(port), str(asked)], port)
-    with stack._locked() as state:  # what `ensure_spare` records
-        state["models"]["spare"] = {"pid": spare.pid, "pids": [], "url": spare.url, "role": "spare"}
+    stack, spare, asked = _stack_with_slow_spare(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     run = subprocess.Popen([sys.executable, "-c", ROLLOUT, str(tmp_path)], cwd=REPO, env=env)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not asked.exists():
-            time.sleep(0.05)
-        assert asked.exists(), "the rollout never asked the spare to adopt"
+        _wait_for(asked)
         assert stack.reap_abandoned() == []  # its rollout is still at it: left alone
         assert [row["name"] for row in stack.status()] == ["model:challenger (starting)"]
         assert spare.proc.poll() is None
