@@ -392,15 +392,17 @@ class Stack:
 
         Nothing else would: `down` stops them, but the stack may stay up for weeks.
         """
+
+        def abandoned(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
+            starting = state.get(STARTING, {}).items()
+            return {pid: r for pid, r in starting if r.get("owner") and not _alive(r["owner"])}
+
+        if not abandoned(self.read()):  # the usual case: no lock taken, nothing written
+            return []
         with self._locked() as state:
-            starting = state.get(STARTING, {})
-            gone = {
-                pid: rec
-                for pid, rec in starting.items()
-                if rec.get("owner") and not _alive(rec["owner"])
-            }
+            gone = abandoned(state)
             for pid in gone:
-                del starting[pid]
+                del state[STARTING][pid]
         for rec in gone.values():
             log.warning(
                 "model service pid %s for v%s was left starting by pid %s, which is gone; "
