@@ -50,3 +50,11 @@ def test_the_overhead_target_is_judged_on_the_median_run() -> None:
     assert missed["met"] is False
     # the re-run target counts too
     assert summarize([_run(0.2, rerun=31.0)])["met"] is False
+    # a failed run (a rolled-back canary) is kept in the record but measured nothing
+    with_failure = summarize([_run(0.1), {"failed": "rolled back"}, _run(0.3)])
+    assert with_failure["median_of_runs"] == 2
+    assert with_failure["failed_runs"] == 1
+    assert with_failure["median_overhead_vs_bare_training"] == 0.2
+    assert with_failure["met"] is True
+    assert len(with_failure["runs"]) == 3
+    assert summarize([{"failed": "rolled back"}])["met"] is False
