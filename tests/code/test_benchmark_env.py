@@ -58,3 +58,18 @@ def test_the_overhead_target_is_judged_on_the_median_run() -> None:
     assert with_failure["met"] is True
     assert len(with_failure["runs"]) == 3
     assert summarize([{"failed": "rolled back"}])["met"] is False
+
+
+def test_the_interference_benchmark_compares_each_pair_whichever_ran_first() -> None:
+    from benchmarks.stack_interference import summarize
+
+    def run(pair: int, stack: str, sgd: float) -> dict:
+        return {"pair": pair, "stack": stack, "sgd_s": sgd, "stack_cpu_s": 0.0}
+
+    # pair 0 ran frozen first, pair 1 idle first: each ratio is idle over frozen
+    out = summarize(
+        [run(0, "frozen", 20.0), run(0, "idle", 22.0), run(1, "idle", 30.0), run(1, "frozen", 25.0)]
+    )
+    assert out["idle_over_frozen_sgd_ratio_by_pair"] == [1.1, 1.2]
+    assert out["median_ratio"] == out["mean_ratio"] == 1.15
+    assert out["mean_ratio_stderr"] == 0.05

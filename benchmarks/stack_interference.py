@@ -1,0 +1,176 @@
+"""Benchmark: how much does the idle local stack slow training down on this machine?
+
+The pipeline benchmark compares a retrain inside the stack with bare training while the
+stack is down; on a 2-core machine training keeps both cores busy, so whatever the
+stack does meanwhile (the Prefect server answering the worker's polls, the gateway's
+readiness probes, the every-minute reconcile check) can cost training time. This
+measures that cost on its own, in a scratch copy (benchmarks/.work/interference):
+
+1. `attnflow up`, a short first retrain (quality gates off: the model only has to be
+   served) so that a champion and the warm spare run, as beside a real retrain;
+2. pairs of the same short bare training (`train_model` in a fresh process, the same
+   seed within a pair): once with every stack process frozen (SIGSTOP: no CPU, nothing
+   else changes) and once with the stack running idle. The order alternates from
+   pair to pair (frozen first, then idle first) so that a steady drift of this
+   machine's speed cancels out;
+3. `attnflow down`.
+
+Reported: each run's SGD seconds and CPU seconds, the stack's CPU seconds during the
+idle-stack runs, and the idle/frozen ratio of each pair with their median and mean.
+
+    python benchmarks/stack_interference.py [--pairs 4] [--epochs 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.pipeline_overhead import (  # noqa: E402
+    attnflow,
+    fresh_copy,
+    set_params,
+    wait_for_spare,
+)
+
+WORK = ROOT / "benchmarks" / ".work" / "interference"
+
+
+def stack_pids(root: Path) -> list[int]:
+    """Every process of the running stack: components, model services, what runs under them."""
+    from services.launch import live_descendants
+    from services.stack import LocalStack
+
+    state = LocalStack(root).read()
+    pids: set[int] = set()
+    for rec in [*state["components"].values(), *state["models"].values()]:
+        pids.update([rec["pid"], *rec.get("pids", []), *live_descendants(rec["pid"])])
+    return sorted(pids)
+
+
+def signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):  # gone since it was listed
+            os.kill(pid, sig)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds the live processes in `pids` have used so far, with their reaped children's
+    (the every-minute reconcile check runs as a child of the worker)."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        total += sum(times[:4])  # user, system, children's user and system
+    return total
+
+
+def train_once(root: Path, seed: int, epochs: int) -> dict[str, float]:
+    """In a fresh interpreter: train on the copy's split; its SGD seconds and CPU seconds."""
+    code = (
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from pipelines.config import load_config\n"
+        "from pipelines.sequences import load_split\n"
+        "from pipelines.train import train_model\n"
+        f"root = Path({str(root)!r})\n"
+        f"cfg = load_config(root / 'params.yaml', ['train.seed={seed}', 'train.epochs={epochs}'])\n"
+        "data = load_split(root / cfg.paths.split_dir, cfg.model.time_buckets)\n"
+        "r = train_model(cfg, data, cache_dir=root / '.attnflow' / 'cache')\n"
+        "print(json.dumps({'sgd_s': r.train_seconds, 'cpu_s': r.train_cpu_seconds,"
+        " 'epochs': r.epochs_run}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def prepare() -> Path:
+    """A scratch copy with the stack up, a champion served and the warm spare waiting."""
+    root = fresh_copy(WORK)
+    # the served model's quality does not matter here: a short training, no baseline gate
+    set_params(root, train={"epochs": 3}, gates={"baselines": []})
+    attnflow(root, "up")
+    attnflow(root, "retrain")
+    wait_for_spare(root)
+    return root
+
+
+def measure(root: Path, pairs: int, epochs: int) -> list[dict]:
+    runs = []
+    for pair in range(pairs):
+        order = ("frozen", "idle") if pair % 2 == 0 else ("idle", "frozen")
+        for stack in order:
+            pids = stack_pids(root)
+            if stack == "frozen":
+                signal_all(pids, signal.SIGSTOP)
+            time.sleep(2)  # let what the stack was doing settle
+            before = cpu_seconds(pids)
+            try:
+                run = train_once(root, seed=1000 + pair, epochs=epochs)
+            finally:
+                if stack == "frozen":
+                    signal_all(pids, signal.SIGCONT)
+            run.update(pair=pair, stack=stack, stack_cpu_s=round(cpu_seconds(pids) - before, 2))
+            runs.append(run)
+            print(json.dumps(run), flush=True)
+    return runs
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Per pair: idle-stack SGD seconds over frozen-stack SGD seconds (same seed)."""
+    ratios = []
+    for pair in sorted({r["pair"] for r in runs}):
+        by = {r["stack"]: r for r in runs if r["pair"] == pair}
+        ratios.append(by["idle"]["sgd_s"] / by["frozen"]["sgd_s"])
+    mean = statistics.mean(ratios)
+    stderr = statistics.stdev(ratios) / len(ratios) ** 0.5 if len(ratios) > 1 else None
+    return {
+        "idle_over_frozen_sgd_ratio_by_pair": [round(r, 3) for r in ratios],
+        "median_ratio": round(statistics.median(ratios), 3),
+        "mean_ratio": round(mean, 3),
+        "mean_ratio_stderr": round(stderr, 3) if stderr is not None else None,
+        "stack_cpu_s_per_idle_run": [r["stack_cpu_s"] for r in runs if r["stack"] == "idle"],
+        "machine": f"{os.uname().machine}, {os.cpu_count()} cores, CPU only",
+        "runs": runs,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks/results/stack_interference.json"
+    )
+    args = parser.parse_args()
+    os.environ.setdefault("ATTNFLOW_DATA_MIRROR", str(ROOT.parent / "shared" / "data"))
+    root = prepare()
+    try:
+        runs = measure(root, args.pairs, args.epochs)
+    finally:
+        attnflow(root, "down")
+    result = summarize(runs)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
