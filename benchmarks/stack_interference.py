@@ -18,7 +18,7 @@ measures that cost on its own, in a scratch copy (benchmarks/.work/interference)
 Reported: each run's SGD seconds and CPU seconds, the stack's CPU seconds during the
 idle-stack runs, and the idle/frozen ratio of each pair with their median and mean.
 
-    python benchmarks/stack_interference.py [--pairs 4] [--epochs 6]
+    python benchmarks/stack_interference.py [--pairs 4] [--epochs 10]
 """
 
 from __future__ import annotations
@@ -101,15 +101,13 @@ def train_once(root: Path, seed: int, epochs: int) -> dict[str, float]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def prepare() -> Path:
-    """A scratch copy with the stack up, a champion served and the warm spare waiting."""
-    root = fresh_copy(WORK)
+def prepare(root: Path) -> None:
+    """Bring the copy's stack up with a champion served and the warm spare waiting."""
     # the served model's quality does not matter here: a short training, no baseline gate
     set_params(root, train={"epochs": 3}, gates={"baselines": []})
     attnflow(root, "up")
     attnflow(root, "retrain")
     wait_for_spare(root)
-    return root
 
 
 def measure(root: Path, pairs: int, epochs: int) -> list[dict]:
@@ -155,14 +153,15 @@ def summarize(runs: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks/results/stack_interference.json"
     )
     args = parser.parse_args()
     os.environ.setdefault("ATTNFLOW_DATA_MIRROR", str(ROOT.parent / "shared" / "data"))
-    root = prepare()
+    root = fresh_copy(WORK)
     try:
+        prepare(root)
         runs = measure(root, args.pairs, args.epochs)
     finally:
         attnflow(root, "down")
