@@ -49,14 +49,16 @@ WORK = ROOT / "benchmarks" / ".work" / "interference"
 
 def stack_pids(root: Path) -> list[int]:
     """Every process of the running stack: components, model services, what runs under them."""
-    from services.launch import live_descendants
-    from services.stack import LocalStack
+    from services.stack import LocalStack, _tree  # the pids `attnflow down` stops
 
     state = LocalStack(root).read()
-    pids: set[int] = set()
-    for rec in [*state["components"].values(), *state["models"].values()]:
-        pids.update([rec["pid"], *rec.get("pids", []), *live_descendants(rec["pid"])])
-    return sorted(pids)
+    return sorted(
+        {
+            pid
+            for rec in [*state["components"].values(), *state["models"].values()]
+            for pid in _tree(rec)
+        }
+    )
 
 
 def signal_all(pids: list[int], sig: int) -> None:
