@@ -2,17 +2,23 @@
 
 On ml-latest-small, in a fresh copy of the repository (benchmarks/.work/pipeline):
 
-1. bare training: `train_model` on the split, in-process, with params.yaml's settings
-   and the measured run's seed; once before the stack starts and once after it stops
-   (the reference is their mean: this machine's speed drifts);
+1. bare training: `train_model` on the split, in a fresh interpreter, with params.yaml's
+   settings and the measured run's seed, nothing around it;
 2. the full retrain flow through the local stack (`attnflow up`): DVC stages (ingest,
    validate, split, train, evaluate) as Prefect tasks, registration with gates, and
    - first run: serving the first champion (and starting the warm spare model service);
    - second run (another seed), once the stack is idle again (the spare is warm, as it
      is when retraining runs hours apart): a canary rollout of the new challenger,
-     promoted;
-3. a re-run with nothing changed (every stage up to date, nothing to register);
-4. bare training again.
+     promoted. This is the measured run;
+3. a re-run with nothing changed (every stage up to date, nothing to register).
+
+Bare training runs four times per measurement, each in a fresh process (as the flow's
+train stage is): before the stack starts, right before and right after the measured
+retrain (the stack up and idle), and after the stack stops. This machine's speed
+drifts by 10 to 30 % within minutes, so the reference is the mean of the two runs
+that bracket the measured retrain directly (`adjacent`); `benchmarks/
+stack_interference.py` shows that the idle stack does not slow training. The outer
+pair (`outer`), minutes away, is reported beside it: earlier series used only that one.
 
 Overhead = (flow wall time - bare training time) / bare training time, for the second
 run (the one with a rollout). Rollout bake time is a deliberate wait, so it is reported
@@ -72,38 +78,59 @@ def set_params(root: Path, **sections) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def bare_data(root: Path):
-    """The split the flow trains on (ingest, validate, split in-process), loaded; then the
-    files are removed so that the flow makes its own."""
+BARE_SPLIT = ".bench/split"  # the bare runs' copy of the split, outside the flow's paths
+
+
+def bare_data(root: Path) -> None:
+    """Make the split the flow trains on (ingest, validate, split) and keep a copy for the
+    bare runs in `BARE_SPLIT`; then remove the flow's files so that it makes its own."""
     from pipelines import ingest, split, validate
     from pipelines.config import load_config
-    from pipelines.sequences import load_split
 
     cfg = load_config(root / "params.yaml")
     ingest.run(cfg, root)
     validate.run(cfg, root)
     split.run(cfg, root)
-    data = load_split(root / cfg.paths.split_dir, cfg.model.time_buckets)
+    shutil.copytree(root / cfg.paths.split_dir, root / BARE_SPLIT)
     for folder in ("data/ingested", "data/split", "data/reference", "reports"):
         shutil.rmtree(root / folder, ignore_errors=True)
-    return data
 
 
-def bare_training(root: Path, data) -> tuple[float, float, int, float]:
-    """Train with the same settings on `data`, in-process, nothing around it.
+def train_once(
+    root: Path, seed: int, epochs: int | None = None, split_dir: str | None = None
+) -> dict[str, float]:
+    """Train as the train stage does, in a fresh interpreter, nothing around it.
 
-    Returns (wall seconds of `train_model`, seconds of its SGD steps alone: the
-    `train_seconds` that reports/train.json records, without per-epoch validation,
-    the epochs it ran, and the CPU seconds of those steps).
+    On the copy's split (or `split_dir`, relative to `root`), with its params.yaml and
+    `seed` (and `epochs`, if given). Returns the wall seconds of `train_model`, the
+    seconds of its SGD steps alone (the `train_seconds` that reports/train.json
+    records, without per-epoch validation), their CPU seconds and the epochs run.
     """
-    from pipelines.config import load_config
-    from pipelines.train import train_model
+    overrides = [f"train.seed={seed}", *([f"train.epochs={epochs}"] if epochs else [])]
+    code = (
+        "import json, time\n"
+        "from pathlib import Path\n"
+        "from pipelines.config import load_config\n"
+        "from pipelines.sequences import load_split\n"
+        "from pipelines.train import train_model\n"
+        f"root = Path({str(root)!r})\n"
+        f"cfg = load_config(root / 'params.yaml', {overrides!r})\n"
+        f"split = root / ({split_dir!r} or cfg.paths.split_dir)\n"
+        "data = load_split(split, cfg.model.time_buckets)\n"
+        "t0 = time.perf_counter()\n"
+        "r = train_model(cfg, data, cache_dir=root / '.attnflow' / 'cache')\n"
+        "print(json.dumps({'wall_s': time.perf_counter() - t0, 'sgd_s': r.train_seconds,"
+        " 'cpu_s': r.train_cpu_seconds, 'epochs': r.epochs_run}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
-    cfg = load_config(root / "params.yaml", [f"train.seed={MEASURED_SEED}"])
-    t0 = time.perf_counter()
-    result = train_model(cfg, data, cache_dir=root / ".attnflow" / "cache")
-    wall = time.perf_counter() - t0
-    return wall, result.train_seconds, result.epochs_run, result.train_cpu_seconds
+
+def bare_training(root: Path) -> dict[str, float]:
+    """One bare run of the measured retrain's training."""
+    return train_once(root, MEASURED_SEED, split_dir=BARE_SPLIT)
 
 
 class CommandFailed(SystemExit):
@@ -296,51 +323,63 @@ def wait_for_spare(root: Path, timeout: float = 180.0) -> float:
     raise SystemExit(f"the warm spare was not up within {timeout:.0f}s")
 
 
+def _mean(runs: list[dict[str, float]], key: str) -> float:
+    return sum(r[key] for r in runs) / len(runs)
+
+
 def measure(bake_s: float) -> dict:
-    """One measurement: bare training, the stack's two retrains and a re-run, bare again."""
+    """One measurement: bare training, the stack's two retrains (the second bracketed by bare
+    runs) and a re-run, bare again."""
     root = fresh_copy()
     set_params(
         root,
         rollout={"steps": [50, 100], "bake_s": bake_s, "replay_rps": 20, "min_requests": 10},
     )
     # Bare training runs on the same split with the measured retrain's seed (early
-    # stopping makes the epoch count depend on it), before the stack starts and again
-    # after it stops: this machine's speed drifts by 10 % and more within minutes, so
-    # the reference is the mean of the two runs that bracket the measured one.
-    data = bare_data(root)
-    bare_runs = [bare_training(root, data)]
+    # stopping makes the epoch count depend on it).
+    bare_data(root)
+    outer = [bare_training(root)]
     up_s = attnflow(root, "up")
     try:
         first = attnflow(root, "retrain")  # params.yaml's seed
         spare_wait = wait_for_spare(root)
+        adjacent = [bare_training(root)]
         set_params(root, train={"seed": MEASURED_SEED})
         with CpuSampler(root) as cpu:
             second = attnflow(root, "retrain")
         breakdown = flow_breakdown(root)
+        adjacent.append(bare_training(root))
         rerun = attnflow(root, "retrain")
         report = sorted((root / ".attnflow" / "rollouts").glob("*.json"))[-1]
         rollout = json.loads(report.read_text())
     finally:
         attnflow(root, "down")
     train_report = json.loads((root / "reports" / "train.json").read_text())
-    bare_runs.append(bare_training(root, data))
-    means = (sum(col) / len(bare_runs) for col in zip(*bare_runs, strict=True))
-    bare, bare_loop, _, bare_cpu = means  # wall, SGD steps, epochs, SGD CPU
+    outer.append(bare_training(root))
+    bare, bare_outer = _mean(adjacent, "wall_s"), _mean(outer, "wall_s")
     bake = bake_s * len(rollout["steps"])
     return {
         "bare_training_s": round(bare, 1),
-        "bare_training_runs_s (before, after)": [round(r[0], 1) for r in bare_runs],
-        "epochs (bare runs, train stage)": [*(r[2] for r in bare_runs), train_report["epochs_run"]],
+        "bare_training_runs_s (right before, right after the measured retrain)": [
+            round(r["wall_s"], 1) for r in adjacent
+        ],
+        "bare_training_outer_runs_s (before up, after down)": [
+            round(r["wall_s"], 1) for r in outer
+        ],
+        "epochs (bare runs in time order, train stage)": [
+            *(r["epochs"] for r in (outer[0], *adjacent, outer[1])),
+            train_report["epochs_run"],
+        ],
         "stack_up_s": round(up_s, 1),
         "first_retrain_s (serve first champion)": round(first, 1),
         "then_waited_for_the_warm_spare_s": round(spare_wait, 1),
         "second_retrain_s (with rollout)": round(second, 1),
-        "bare_training_sgd_steps_s": round(bare_loop, 1),
+        "bare_training_sgd_steps_s": round(_mean(adjacent, "sgd_s"), 1),
         "train_stage_sgd_steps_s": train_report["train_seconds"],
         # CPU seconds of those steps (all threads of the process): more CPU for the same
         # steps is a slower CPU (the host, the stack's cache and core sharing); the same
         # CPU over a longer time is waiting (descheduled, locks)
-        "bare_training_sgd_steps_cpu_s": round(bare_cpu, 1),
+        "bare_training_sgd_steps_cpu_s": round(_mean(adjacent, "cpu_s"), 1),
         "train_stage_sgd_steps_cpu_s": train_report.get("train_cpu_seconds"),
         "second_retrain_breakdown_s": breakdown,
         "second_retrain_cpu_s_by_process": cpu.totals(),
@@ -351,6 +390,7 @@ def measure(bake_s: float) -> dict:
         "rollout_bake_s": bake,
         "overhead_vs_bare_training": round((second - bare) / bare, 3),
         "overhead_vs_bare_training_excluding_bake": round((second - bake - bare) / bare, 3),
+        "overhead_vs_outer_bare_training": round((second - bare_outer) / bare_outer, 3),
         "rerun_nothing_changed_s": round(rerun, 1),
     }
 
@@ -364,6 +404,7 @@ def summarize(runs: list[dict]) -> dict:
     keys = (
         "overhead_vs_bare_training",
         "overhead_vs_bare_training_excluding_bake",
+        "overhead_vs_outer_bare_training",
         "rerun_nothing_changed_s",
     )
     done = [r for r in runs if "failed" not in r]  # a failed run measured nothing

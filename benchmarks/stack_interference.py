@@ -29,7 +29,6 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ from benchmarks.pipeline_overhead import (  # noqa: E402
     attnflow,
     fresh_copy,
     set_params,
+    train_once,
     wait_for_spare,
 )
 
@@ -80,27 +80,6 @@ def cpu_seconds(pids: list[int]) -> float:
             continue
         total += sum(times[:4])  # user, system, children's user and system
     return total
-
-
-def train_once(root: Path, seed: int, epochs: int) -> dict[str, float]:
-    """In a fresh interpreter: train on the copy's split; its SGD seconds and CPU seconds."""
-    code = (
-        "import json, sys\n"
-        "from pathlib import Path\n"
-        "from pipelines.config import load_config\n"
-        "from pipelines.sequences import load_split\n"
-        "from pipelines.train import train_model\n"
-        f"root = Path({str(root)!r})\n"
-        f"cfg = load_config(root / 'params.yaml', ['train.seed={seed}', 'train.epochs={epochs}'])\n"
-        "data = load_split(root / cfg.paths.split_dir, cfg.model.time_buckets)\n"
-        "r = train_model(cfg, data, cache_dir=root / '.attnflow' / 'cache')\n"
-        "print(json.dumps({'sgd_s': r.train_seconds, 'cpu_s': r.train_cpu_seconds,"
-        " 'epochs': r.epochs_run}))\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def prepare(root: Path) -> None:
