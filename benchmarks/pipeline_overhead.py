@@ -14,11 +14,12 @@ On ml-latest-small, in a fresh copy of the repository (benchmarks/.work/pipeline
 
 Bare training runs four times per measurement, each in a fresh process (as the flow's
 train stage is): before the stack starts, right before and right after the measured
-retrain (the stack up and idle), and after the stack stops. This machine's speed
-drifts by 10 to 30 % within minutes, so the reference is the mean of the two runs
-that bracket the measured retrain directly (`adjacent`); `benchmarks/
-stack_interference.py` shows that the idle stack does not slow training. The outer
-pair (`outer`), minutes away, is reported beside it: earlier series used only that one.
+retrain, and after the stack stops. This machine's speed drifts by 10 to 30 % within
+minutes, so the reference is the mean of the two runs that bracket the measured
+retrain directly (`adjacent`), with every process of the stack frozen meanwhile
+(SIGSTOP: nothing around the training, as after `attnflow down`, but at the same time
+of day). The outer pair (`outer`), minutes away, is reported beside it: earlier series
+used only that one.
 
 Overhead = (flow wall time - bare training time) / bare training time, for the second
 run (the one with a rollout). Rollout bake time is a deliberate wait, so it is reported
@@ -34,10 +35,12 @@ is recorded with its error and measures nothing; the series goes on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -126,6 +129,64 @@ def train_once(
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def stack_pids(root: Path) -> list[int]:
+    """Every process of the running stack: components, model services, what runs under them."""
+    from services.stack import LocalStack, _tree  # the pids `attnflow down` stops
+
+    state = LocalStack(root).read()
+    return sorted(
+        {
+            pid
+            for rec in [*state["components"].values(), *state["models"].values()]
+            for pid in _tree(rec)
+        }
+    )
+
+
+def signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):  # gone since it was listed
+            os.kill(pid, sig)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds the live processes in `pids` have used so far, with their reaped children's
+    (the every-minute reconcile check runs as a child of the worker)."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        total += sum(times[:4])  # user, system, children's user and system
+    return total
+
+
+@contextlib.contextmanager
+def stack_frozen(root: Path):
+    """Every process of the copy's stack stopped (SIGSTOP) inside the block: no CPU from it,
+    its memory kept; yields the pids. Resumed (SIGCONT) on the way out, whatever happens."""
+    pids = stack_pids(root)
+    signal_all(pids, signal.SIGSTOP)
+    try:
+        time.sleep(2)  # let what was running when it stopped settle
+        yield pids
+    finally:
+        signal_all(pids, signal.SIGCONT)
+
+
+def frozen_bare_training(root: Path) -> dict[str, float]:
+    """A bare run with the stack up but frozen: nothing around it, at the same time of day
+    as the retrain it brackets. Also records the stack's CPU seconds meanwhile (0: frozen)."""
+    with stack_frozen(root) as pids:
+        before = cpu_seconds(pids)
+        run = bare_training(root)
+        run["stack_cpu_s"] = round(cpu_seconds(pids) - before, 2)
+    return run
 
 
 def bare_training(root: Path) -> dict[str, float]:
@@ -343,12 +404,12 @@ def measure(bake_s: float) -> dict:
     try:
         first = attnflow(root, "retrain")  # params.yaml's seed
         spare_wait = wait_for_spare(root)
-        adjacent = [bare_training(root)]
+        adjacent = [frozen_bare_training(root)]
         set_params(root, train={"seed": MEASURED_SEED})
         with CpuSampler(root) as cpu:
             second = attnflow(root, "retrain")
         breakdown = flow_breakdown(root)
-        adjacent.append(bare_training(root))
+        adjacent.append(frozen_bare_training(root))
         rerun = attnflow(root, "retrain")
         report = sorted((root / ".attnflow" / "rollouts").glob("*.json"))[-1]
         rollout = json.loads(report.read_text())
@@ -360,9 +421,10 @@ def measure(bake_s: float) -> dict:
     bake = bake_s * len(rollout["steps"])
     return {
         "bare_training_s": round(bare, 1),
-        "bare_training_runs_s (right before, right after the measured retrain)": [
+        "bare_training_runs_s (right before, right after the measured retrain; stack frozen)": [
             round(r["wall_s"], 1) for r in adjacent
         ],
+        "stack_cpu_s_during_those_runs": [r["stack_cpu_s"] for r in adjacent],
         "bare_training_outer_runs_s (before up, after down)": [
             round(r["wall_s"], 1) for r in outer
         ],

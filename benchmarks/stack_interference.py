@@ -24,7 +24,6 @@ idle-stack runs, and the idle/frozen ratio of each pair with their median and me
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import signal
@@ -38,48 +37,16 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.pipeline_overhead import (  # noqa: E402
     attnflow,
+    cpu_seconds,
     fresh_copy,
     set_params,
+    signal_all,
+    stack_pids,
     train_once,
     wait_for_spare,
 )
 
 WORK = ROOT / "benchmarks" / ".work" / "interference"
-
-
-def stack_pids(root: Path) -> list[int]:
-    """Every process of the running stack: components, model services, what runs under them."""
-    from services.stack import LocalStack, _tree  # the pids `attnflow down` stops
-
-    state = LocalStack(root).read()
-    return sorted(
-        {
-            pid
-            for rec in [*state["components"].values(), *state["models"].values()]
-            for pid in _tree(rec)
-        }
-    )
-
-
-def signal_all(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):  # gone since it was listed
-            os.kill(pid, sig)
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """CPU seconds the live processes in `pids` have used so far, with their reaped children's
-    (the every-minute reconcile check runs as a child of the worker)."""
-    import psutil
-
-    total = 0.0
-    for pid in pids:
-        try:
-            times = psutil.Process(pid).cpu_times()
-        except psutil.Error:
-            continue
-        total += sum(times[:4])  # user, system, children's user and system
-    return total
 
 
 def prepare(root: Path) -> None:
