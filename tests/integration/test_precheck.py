@@ -95,10 +95,9 @@ def test_a_run_started_before_its_time_waits_for_it_as_the_engine_does(
     api, project, monkeypatch, no_engine
 ):
     import time
+    from datetime import UTC, datetime
 
     from prefect.client.orchestration import SyncPrefectClient
-
-    from datetime import UTC, datetime
 
     _, run = _pending_run(api, "precheck-early", str(project), due_in_s=5.0)
     due = run.expected_start_time
