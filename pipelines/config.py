@@ -293,6 +293,8 @@ class TrainConfig(Section):
     weight_loss: bool = False  # weight each target by its attention weight
     # share of each target's mass spread over its candidates (full and sampled losses)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # full loss: MB of logits computed at a time (the whole N x items never exists)
+    loss_chunk_mb: float = Field(16.0, gt=0)
     # each epoch, long sequences contribute a random window instead of their latest one
     random_windows: bool = False
     augment: AugmentConfig = Field(default_factory=AugmentConfig)

@@ -251,10 +251,12 @@ def softmax_loss(
     hidden: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
     per_target: bool = False,
+    chunk_mb: float = 16.0,
 ) -> torch.Tensor:
     """Cross-entropy of the next (causal) or masked-out (masked) item at every target.
 
-    full: softmax over all known items. sampled: over the target and `negatives`
+    full: softmax over all known items, `chunk_mb` of logits at a time (see
+    `full_cross_entropy`). sampled: over the target and `negatives`
     items shared by the batch, drawn uniformly or, with `neg_probs` (n_items + 1,),
     from that distribution with the logQ correction that keeps the estimate unbiased;
     accidental hits are masked out. bce: SASRec's logistic loss, each target against
@@ -274,9 +276,19 @@ def softmax_loss(
     if loss == "full":
         table = encoder.item_vectors(text_table=text_table)[1 : n_items + 1]  # (n_items, d)
         bias = encoder.bias()
-        logits = h @ table.T + (bias[1 : n_items + 1] if torch.is_tensor(bias) else 0.0)
-        losses = smoothed_cross_entropy(logits, t - 1, label_smoothing)
-    elif loss == "bce":
+        weights = None
+        if weight_loss and batch.target_weights is not None:
+            weights = batch.target_weights[sel].float()
+        return full_cross_entropy(
+            h,
+            table,
+            bias[1 : n_items + 1] if torch.is_tensor(bias) else None,
+            t - 1,
+            weights,
+            label_smoothing,
+            chunk_mb,
+        )
+    if loss == "bce":
         neg = torch.randint(1, n_items + 1, (len(t), negatives), generator=generator).to(h.device)
         neg_logits = torch.einsum("nd,nkd->nk", h, encoder.item_vectors(neg, text_table))
         neg_logits = neg_logits + encoder.bias(neg)  # (N, K)
@@ -332,6 +344,93 @@ def smoothed_cross_entropy(
     finite = torch.isfinite(logits)
     uniform = -logp.masked_fill(~finite, 0.0).sum(1) / finite.sum(1)  # (N,) mean over candidates
     return (1.0 - smoothing) * nll + smoothing * uniform
+
+
+def full_cross_entropy(
+    h: torch.Tensor,
+    table: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    smoothing: float = 0.0,
+    chunk_mb: float = 16.0,
+) -> torch.Tensor:
+    """Mean softmax cross-entropy of `h @ table.T + bias` against `labels`, a chunk of rows
+    at a time: the same value and gradients as `smoothed_cross_entropy` on the whole
+    logits, which never exist whole.
+
+    h (N, d) states, table (C, d) candidates, bias (C,) or None, labels (N,) in [0, C),
+    weights (N,) or None (uniform): the loss is their weighted mean. Whole logits are
+    N x C floats (about 1 GB per batch on ml-latest-small); allocated and freed at every
+    step, they cost as much kernel time zeroing fresh pages as the arithmetic, and more
+    when other processes hold memory. Chunks of at most `chunk_mb` reuse the allocator's
+    memory instead.
+    """
+    n, c = h.shape[0], table.shape[0]
+    rows = max(1, int(chunk_mb * 2**20 // (4 * c)))  # float32 logits per chunk
+    w = torch.full((n,), 1.0 / max(n, 1), device=h.device) if weights is None else weights
+    w = w.float() / w.float().sum().clamp(min=1e-6)
+    if not torch.is_grad_enabled() or not (h.requires_grad or table.requires_grad):
+        total = h.new_zeros((), dtype=torch.float32)
+        for s in range(0, n, rows):
+            logits = _chunk_logits(h[s : s + rows], table, bias)
+            row_loss = smoothed_cross_entropy(logits, labels[s : s + rows], smoothing)
+            total = total + (w[s : s + rows] * row_loss).sum()
+        return total
+    return _FullCrossEntropy.apply(h, table, bias, labels, w, smoothing, rows)
+
+
+def _chunk_logits(h: torch.Tensor, table: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    logits = (h @ table.T).float()  # (n, C); bf16 matmul under autocast, softmax in float
+    return logits if bias is None else logits.add_(bias.float())
+
+
+class _FullCrossEntropy(torch.autograd.Function):
+    """`full_cross_entropy` with its gradients computed chunk by chunk in the forward pass
+    (the logits are needed for both and are not kept); backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, h, table, bias, labels, w, smoothing: float, rows: int):
+        c = table.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device)  # (N, d)
+        grad_table = torch.zeros(table.shape, dtype=torch.float32, device=h.device)  # (C, d)
+        grad_bias = None if bias is None else torch.zeros(c, dtype=torch.float32, device=h.device)
+        for s in range(0, h.shape[0], rows):
+            hc, yc, wc = h[s : s + rows], labels[s : s + rows], w[s : s + rows]
+            logp = _chunk_logits(hc, table, bias)  # (n, C)
+            logp.sub_(torch.logsumexp(logp, dim=1, keepdim=True))  # log-softmax, in place
+            row_loss = -logp.gather(1, yc.unsqueeze(1)).squeeze(1)  # (n,)
+            if smoothing:
+                row_loss = (1.0 - smoothing) * row_loss - smoothing * logp.mean(1)
+            total += (wc * row_loss).sum()
+            # d row_loss / d logits = softmax - (1 - smoothing) onehot - smoothing / C
+            g = logp.exp_()
+            g.scatter_add_(1, yc.unsqueeze(1), torch.full_like(g[:, :1], smoothing - 1.0))
+            if smoothing:
+                g.sub_(smoothing / c)
+            g.mul_(wc.unsqueeze(1))  # (n, C)
+            grad_h[s : s + rows] = g @ table.float()
+            grad_table.addmm_(g.T, hc.float())
+            if grad_bias is not None:
+                grad_bias += g.sum(0)
+        ctx.save_for_backward(grad_h, grad_table, grad_bias)
+        ctx.dtypes = (h.dtype, table.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_table, grad_bias = ctx.saved_tensors
+        dh, dt, db = ctx.dtypes
+        return (
+            (grad_out * grad_h).to(dh),
+            (grad_out * grad_table).to(dt),
+            None if grad_bias is None else (grad_out * grad_bias).to(db),
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def contrastive_loss(first: torch.Tensor, second: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -602,6 +602,7 @@ def _loss(model, encoder, batch, tcfg, gen, text_table, neg_probs=None) -> torch
         hidden=hidden,
         label_smoothing=tcfg.label_smoothing,
         per_target=tcfg.negatives_per == "target",
+        chunk_mb=tcfg.loss_chunk_mb,
     )
     return rec + cl
 

@@ -18,6 +18,7 @@ from pipelines.model import (
     ModelSpec,
     Recommender,
     contrastive_loss,
+    full_cross_entropy,
     smoothed_cross_entropy,
     softmax_loss,
 )
@@ -449,3 +450,34 @@ def test_per_target_negatives_are_each_targets_own_and_skip_accidental_hits():
     assert float(got.detach()) == pytest.approx(float(expected), rel=1e-5)
     shared = softmax_loss(enc, batch, "sampled", k, generator=torch.Generator().manual_seed(3))
     assert float(shared.detach()) != pytest.approx(float(got.detach()), rel=1e-3)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_the_chunked_full_loss_has_the_whole_logits_value_and_gradients(
+    smoothing, weighted, with_bias
+):
+    """Chunk by chunk (6 chunks here), the full loss and its gradients for states, item
+    table and bias are those of cross-entropy over the whole (N, C) logits."""
+    gen = torch.Generator().manual_seed(0)
+    n, c, d = 300, 997, 16
+    h = torch.randn(n, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(c, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(c, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, c, (n,), generator=gen)
+    w = torch.rand(n, generator=gen) if weighted else None
+    params = [h, table, *([bias] if with_bias else [])]
+    b = bias if with_bias else None
+    rows = smoothed_cross_entropy(h @ table.T + (bias if with_bias else 0.0), labels, smoothing)
+    expected = (rows * w).sum() / w.sum() if weighted else rows.mean()
+    got = full_cross_entropy(h, table, b, labels, w, smoothing, chunk_mb=0.2)  # 52 rows a chunk
+    assert float(got.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
+    for want, have in zip(
+        torch.autograd.grad(3 * expected, params), torch.autograd.grad(3 * got, params), strict=True
+    ):
+        torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # validation: the value alone, no gradients computed
+        assert float(full_cross_entropy(h, table, b, labels, w, smoothing, 0.2)) == pytest.approx(
+            float(expected.detach()), rel=1e-6
+        )
