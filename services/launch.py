@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import signal
@@ -209,8 +210,31 @@ def stop_all(handles: list[Handle], timeout: float = 15.0) -> None:
     _stop(handles, timeout)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on now (bound to port 0 and released)."""
+_PORT_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_PICKS = random.SystemRandom()  # not the global `random`: a seeded test would repeat picks
+
+
+def free_port(host: str = "127.0.0.1", tries: int = 50) -> int:
+    """A port nothing listens on now, below the kernel's ephemeral range.
+
+    The port is released before the service binds it. A port from the ephemeral range
+    (what binding port 0 gives) could meanwhile be handed to anyone binding port 0,
+    and BentoML's process manager binds its control sockets that way at startup: a
+    spare model service once died on its own control socket taking its HTTP port.
+    Below that range the kernel never hands a port out by itself.
+    """
+    try:
+        low = int(_PORT_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):  # not Linux: any free port
+        low = 0
+    for _ in range(tries if low > 12_000 else 0):
+        port = _PICKS.randrange(low - 12_000, low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:  # in use: another pick
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
