@@ -366,6 +366,7 @@ def wait_for_spare(root: Path, timeout: float = 180.0) -> float:
     hours apart, so the measured retrain starts from an idle stack, as one would there.
     """
     import httpx
+    import psutil
 
     from services.stack import SPARE, LocalStack
 
@@ -374,6 +375,8 @@ def wait_for_spare(root: Path, timeout: float = 180.0) -> float:
         spare = LocalStack(root).read()["models"].get(SPARE)
         if spare is None:  # `serve.warm_spare: false`
             return 0.0
+        if not psutil.pid_exists(spare["pid"]):  # the run fails; the series goes on
+            raise CommandFailed(f"the warm spare (pid {spare['pid']}) died while warming")
         try:
             info = httpx.post(f"{spare['url']}/info", json={}, timeout=2).json()
             if str(info.get("not_ready_reason", "")).startswith("spare"):
@@ -381,7 +384,7 @@ def wait_for_spare(root: Path, timeout: float = 180.0) -> float:
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise SystemExit(f"the warm spare was not up within {timeout:.0f}s")
+    raise CommandFailed(f"the warm spare was not up within {timeout:.0f}s")
 
 
 def _mean(runs: list[dict[str, float]], key: str) -> float:
