@@ -368,8 +368,8 @@ def full_cross_entropy(
     """
     n, c = h.shape[0], table.shape[0]
     rows = max(1, int(chunk_mb * 2**20 // (4 * c)))  # float32 logits per chunk
-    w = torch.full((n,), 1.0 / max(n, 1), device=h.device) if weights is None else weights
-    w = w.float() / w.float().sum().clamp(min=1e-6)
+    w = torch.ones(n, device=h.device) if weights is None else weights.float()
+    w = w / w.sum().clamp(min=1e-6)
     if not torch.is_grad_enabled() or not (h.requires_grad or table.requires_grad):
         total = h.new_zeros((), dtype=torch.float32)
         for s in range(0, n, rows):
@@ -396,6 +396,7 @@ class _FullCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device)  # (N, d)
         grad_table = torch.zeros(table.shape, dtype=torch.float32, device=h.device)  # (C, d)
         grad_bias = None if bias is None else torch.zeros(c, dtype=torch.float32, device=h.device)
+        table_f = table.float()  # once, not per chunk (a copy when autocast made it bf16)
         for s in range(0, h.shape[0], rows):
             hc, yc, wc = h[s : s + rows], labels[s : s + rows], w[s : s + rows]
             logp = _chunk_logits(hc, table, bias)  # (n, C)
@@ -410,7 +411,7 @@ class _FullCrossEntropy(torch.autograd.Function):
             if smoothing:
                 g.sub_(smoothing / c)
             g.mul_(wc.unsqueeze(1))  # (n, C)
-            grad_h[s : s + rows] = g @ table.float()
+            grad_h[s : s + rows] = g @ table_f
             grad_table.addmm_(g.T, hc.float())
             if grad_bias is not None:
                 grad_bias += g.sum(0)
