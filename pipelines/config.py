@@ -295,6 +295,8 @@ class TrainConfig(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     # full loss: MB of logits computed at a time (the whole N x items never exists)
     loss_chunk_mb: float = Field(16.0, gt=0)
+    # glibc keeps the memory a step frees for the next one (pipelines.train.keep_freed_memory)
+    keep_freed_memory: bool = True
     # each epoch, long sequences contribute a random window instead of their latest one
     random_windows: bool = False
     augment: AugmentConfig = Field(default_factory=AugmentConfig)

@@ -69,6 +69,39 @@ class StopTraining(Exception):
 # --- environment -----------------------------------------------------------------------------
 
 
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD = 32 * 2**20  # the largest glibc accepts on 64-bit
+_TRIM_THRESHOLD = 2**30
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc keep the memory training frees for the next step; True if it took.
+
+    glibc returns large freed blocks to the kernel (mmap'd from 128 KB, a threshold
+    that adapts to what was freed before, and the heap's top past a trim threshold).
+    A training step frees its activations and gradients and allocates them again, so
+    each step faulted fresh pages in. Fixed thresholds keep those blocks in the heap:
+    on ml-latest-small, 20 epochs on 2 cores (`benchmarks/malloc_tuning.py`), 11x fewer
+    page faults (0.17M against 1.9M), system time 0.7 s against 3.6 s, the SGD steps
+    4.4 % faster. The process keeps its peak heap until it exits. A no-op (False)
+    without glibc; `train.keep_freed_memory: false` leaves glibc's defaults.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
+        return False
+    if mallopt is None:
+        return False
+    return bool(
+        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
+    )
+
+
 def select_device(preference: str) -> torch.device:
     """CUDA when asked for or available (`auto`), else CPU."""
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
@@ -251,6 +284,8 @@ def train_model(
     without validating and return the last weights (their moving average with EMA).
     """
     tcfg, mcfg = cfg.train, cfg.model
+    if tcfg.keep_freed_memory:
+        keep_freed_memory()
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
     rank, world = distributed()
