@@ -13,6 +13,8 @@ import logging
 import os
 import subprocess
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -122,38 +124,66 @@ def start_training_run(cfg: Config, root: Path, lineage: dict[str, Any]) -> str:
 class EpochLog:
     """Per-epoch metrics (loss, validation metrics, cumulative training seconds), logged
     through MLflow's asynchronous queue so that training never waits on the tracking
-    server between epochs; `wait()` before the run's final logging raises what failed.
+    server between epochs; `wait()` sends what is left and raises what failed.
+
+    The first epoch goes out at once (the MLflow UI shows the run moving), later ones
+    together at most every `flush_s` seconds: on ml-latest-small about 8 requests to
+    the tracking server per training instead of 40. Each send is an HTTP round trip in
+    MLflow's logging thread, which wants the interpreter lock back from the training
+    thread again and again (about 85 thread switches a send, measured in a retrain on
+    2 cores); an A/B of the train stage could not tell the two apart within its noise.
     """
 
-    def __init__(self, root: Path, run_id: str):
+    FLUSH_S = 10.0
+    _MAX_METRICS = 1000  # per log_batch request (MLflow's limit)
+
+    def __init__(
+        self,
+        root: Path,
+        run_id: str,
+        flush_s: float = FLUSH_S,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self._client = client(root)  # one client: one async queue for the whole training
         self._run_id = run_id
+        self._flush_s, self._clock = flush_s, clock
+        self._buffer: list[Any] = []
+        self._sent_at: float | None = None
         self._pending: list[Any] = []
 
     def __call__(self, epoch: int, row: dict[str, float]) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [
+        self._buffer += [
             Metric(k.replace("@", "_at_"), float(v), now, epoch)
             for k, v in row.items()
             if k != "epoch"
         ]
-        self._pending.append(
-            self._client.log_batch(self._run_id, metrics=metrics, synchronous=False)
-        )
+        if self._sent_at is None or self._clock() - self._sent_at >= self._flush_s:
+            self._send()
+
+    def _send(self) -> None:
+        """Hand the buffered metrics to MLflow's queue (returns at once)."""
+        self._sent_at = self._clock()
+        buffer, self._buffer = self._buffer, []
+        for i in range(0, len(buffer), self._MAX_METRICS):
+            self._pending.append(
+                self._client.log_batch(
+                    self._run_id, metrics=buffer[i : i + self._MAX_METRICS], synchronous=False
+                )
+            )
 
     def wait(self) -> None:
-        """Block until every epoch's metrics are logged (raises the first failure)."""
+        """Send what is buffered, then block until every epoch's metrics are logged
+        (raises the first failure)."""
+        self._send()
         pending, self._pending = self._pending, []
         for op in pending:
             op.wait()
 
 
 def _log_dict_metrics(mlc, run_id: str, prefix: str, metrics: dict[str, float]) -> None:
-    import time
 
     from mlflow.entities import Metric
 

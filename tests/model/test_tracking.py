@@ -124,6 +124,34 @@ def test_epoch_metrics_that_failed_to_log_fail_the_training_at_its_end(tmp_path,
         epochs.wait()
 
 
+def test_epoch_metrics_go_out_together_at_most_every_flush_interval(tmp_path, monkeypatch):
+    """The first epoch is sent at once, later ones together once `flush_s` has passed,
+    the rest at `wait()`; MLflow ends up with every epoch's metrics."""
+    from pipelines.tracking import EpochLog, client
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlc = client(tmp_path)
+    run_id = mlc.create_run(mlc.create_experiment("epochs")).info.run_id
+    now = [0.0]
+    epochs = EpochLog(tmp_path, run_id, flush_s=10.0, clock=lambda: now[0])
+    sends = []
+    log_batch = epochs._client.log_batch
+    monkeypatch.setattr(
+        epochs._client,
+        "log_batch",
+        lambda *a, **kw: sends.append(len(kw["metrics"])) or log_batch(*a, **kw),
+    )
+    for epoch in range(1, 7):  # one epoch every 4 s
+        epochs(epoch, {"epoch": epoch, "loss": 1.0 / epoch, "valid_ndcg@10": 0.01 * epoch})
+        now[0] += 4.0
+    assert sends == [2, 6]  # epoch 1 at t=0; epochs 2-4 at t=12
+    epochs.wait()
+    assert sends == [2, 6, 4]  # epochs 5-6, buffered at t=16 and t=20
+    history = mlc.get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 7))
+    assert "valid_ndcg_at_10" in mlc.get_run(run_id).data.metrics
+
+
 def test_deferred_artifacts_are_drawn_later_once(tmp_path, synth_split, monkeypatch, request):
     """What a warm retrain does: stages log the model and metrics, the plots come later."""
     import mlflow
