@@ -184,7 +184,6 @@ class EpochLog:
 
 
 def _log_dict_metrics(mlc, run_id: str, prefix: str, metrics: dict[str, float]) -> None:
-
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
