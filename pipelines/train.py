@@ -88,15 +88,12 @@ def keep_freed_memory() -> bool:
     without glibc; `train.keep_freed_memory: false` leaves glibc's defaults.
     """
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c")
     try:
-        mallopt = ctypes.CDLL(name).mallopt if name else None
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
+        mallopt = ctypes.CDLL(None).mallopt  # the C library this interpreter runs on
+    except (OSError, AttributeError, TypeError):  # no mallopt (macOS, Windows): nothing to tune
         return False
-    if mallopt is None:
-        return False
+    # a C library that ignores mallopt answers 0: False
     return bool(
         mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
     )
