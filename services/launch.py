@@ -211,6 +211,7 @@ def stop_all(handles: list[Handle], timeout: float = 15.0) -> None:
 
 
 _PORT_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_SPAN = 12_000  # ports are picked from [ephemeral low - _SPAN, ephemeral low)
 _PICKS = random.SystemRandom()  # not the global `random`: a seeded test would repeat picks
 
 
@@ -227,8 +228,8 @@ def free_port(host: str = "127.0.0.1", tries: int = 50) -> int:
         low = int(_PORT_RANGE.read_text().split()[0])
     except (OSError, ValueError, IndexError):  # not Linux: any free port
         low = 0
-    for _ in range(tries if low > 12_000 else 0):
-        port = _PICKS.randrange(low - 12_000, low)
+    for _ in range(tries if low > _SPAN else 0):
+        port = _PICKS.randrange(low - _SPAN, low)
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind((host, port))

@@ -19,7 +19,7 @@ def test_ports_come_from_below_the_ephemeral_range_and_can_be_bound():
     return a port `free_port` picked for a service."""
     low = _ephemeral_low()
     ports = {launch.free_port() for _ in range(20)}
-    assert all(low - 12_000 <= p < low for p in ports)
+    assert all(low - launch._SPAN <= p < low for p in ports)
     assert len(ports) > 10  # random picks, not one port over and over
     with socket.socket() as s:
         s.bind(("127.0.0.1", ports.pop()))  # free: nothing took it
@@ -29,7 +29,7 @@ def test_ports_come_from_below_the_ephemeral_range_and_can_be_bound():
 def test_a_port_in_use_is_passed_over(monkeypatch):
     low = _ephemeral_low()
     with socket.socket() as taken:
-        for candidate in range(low - 12_000, low):  # a port of the range someone listens on
+        for candidate in range(low - launch._SPAN, low):  # a port of the range someone listens on
             try:
                 taken.bind(("127.0.0.1", candidate))
                 break
@@ -41,4 +41,4 @@ def test_a_port_in_use_is_passed_over(monkeypatch):
         monkeypatch.setattr(launch._PICKS, "randrange", lambda a, b: next(picks))
         got = launch.free_port()
     assert got != busy
-    assert low - 12_000 <= got < low
+    assert low - launch._SPAN <= got < low
