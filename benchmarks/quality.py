@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import GAMES_SPLIT, games_overrides, scratch_project  # noqa: E402
 from benchmarks.games_ablation import BEST_GAMES  # noqa: E402
-from pipelines import evaluate, train  # noqa: E402
+from pipelines import baselines, evaluate, train  # noqa: E402
 from pipelines.config import Config, load_config  # noqa: E402
 
 PAPER = {
@@ -64,6 +64,7 @@ def _run(root: Path, overrides: list[str], evaluate_only: bool = False) -> dict:
     t0 = time.perf_counter()
     trained = _stored_training(cfg, root) if evaluate_only else train.run(cfg, root)
     wall = None if evaluate_only else time.perf_counter() - t0
+    baselines.run(cfg, root)
     report = evaluate.run(cfg, root)
     return {
         "overrides": overrides,

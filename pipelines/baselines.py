@@ -2,14 +2,25 @@
 
 Each is fitted on the training sequences and scores a batch of histories like the
 model does: `score(batch) -> (B, n_items + 1)`, column 0 unused.
+
+The `baselines` stage scores them on the test split once per split and evaluation
+protocol (`reports/baselines.json`); `evaluate` reads that report. A retrain that
+changes only the model or its training skips the baselines (item-kNN's fit alone is
+about 0.8 s on ml-latest-small).
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
+from pipelines.config import Config
 from pipelines.sequences import Batch, Sequences
 
 
@@ -100,3 +111,83 @@ BASELINES = {cls.name: cls for cls in (MostPopular, ItemKNN, Markov)}
 def fit_baseline(name: str, train: Sequences, n_items: int):
     """A fitted baseline by name."""
     return BASELINES[name](train, n_items)
+
+
+def split_digest(split_dir: Path) -> str:
+    """sha256 over the split's files (names and bytes): which split a report was made on."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(split_dir).iterdir()):
+        if path.is_file():
+            digest.update(path.name.encode() + b"\0")
+            with path.open("rb") as fh:
+                digest.update(hashlib.file_digest(fh, "sha256").digest())
+    return digest.hexdigest()
+
+
+def protocol(cfg: Config) -> dict[str, Any]:
+    """The settings baseline scores depend on besides the split (evaluate checks them)."""
+    ecfg = cfg.evaluate
+    return {
+        "baselines": list(ecfg.baselines),
+        "ks": list(ecfg.ks),
+        "sampled_negatives": ecfg.sampled_negatives,
+        "seed": ecfg.seed,
+        # they learn from what the model learns from: with a refit, the validation events too
+        "learned_from": "train+valid" if cfg.train.refit_with_valid else "train",
+    }
+
+
+def report_path(cfg: Config, root: Path) -> Path:
+    return root / cfg.paths.reports_dir / "baselines.json"
+
+
+def run(cfg: Config, root: Path = Path(".")) -> dict[str, Any]:
+    """The DVC stage: fit each baseline and score it on the test split as `evaluate` scores
+    the model (full ranking and sampled negatives); writes `reports/baselines.json`."""
+    from pipelines.evaluate import evaluate_scores, negatives_for
+    from pipelines.events import write_json
+    from pipelines.sequences import load_split
+
+    split_dir = root / cfg.paths.split_dir
+    data = load_split(split_dir, cfg.model.time_buckets)
+    ecfg = cfg.evaluate
+    seen = data.history_test if cfg.train.refit_with_valid else data.train
+    negatives = negatives_for(data, "test", ecfg.sampled_negatives, ecfg.seed)
+    scores = {}
+    for name in ecfg.baselines:
+        base = fit_baseline(name, seen, data.n_items)
+        # whole histories (no max_len cut): a baseline has no context limit
+        res = evaluate_scores(
+            base.score,
+            data=data,
+            which="test",
+            ks=ecfg.ks,
+            max_len=10**6,
+            weight_buckets_n=cfg.model.weight_buckets,
+            negatives=negatives,
+        )
+        scores[name] = {"full": res.full, "sampled": res.sampled}
+    report = {"split": split_digest(split_dir), "protocol": protocol(cfg), "baselines": scores}
+    write_json(report, report_path(cfg, root))
+    return report
+
+
+def load_scores(cfg: Config, root: Path) -> dict[str, Any]:
+    """The baselines' test scores from the `baselines` stage, for this split and protocol.
+
+    Raises DataError when the report is missing or was made on another split or protocol
+    (a stage run by hand out of order), rather than comparing against stale numbers.
+    """
+    from pipelines.errors import DataError
+
+    path = report_path(cfg, root)
+    if not path.exists():
+        raise DataError(f"{path} is missing: run `attnflow baselines` first")
+    report = json.loads(path.read_text(encoding="utf-8"))
+    if report.get("split") != split_digest(root / cfg.paths.split_dir):
+        raise DataError(f"{path} was made on another split: run `attnflow baselines` again")
+    if report.get("protocol") != protocol(cfg):
+        raise DataError(
+            f"{path} was made with other evaluate settings: run `attnflow baselines` again"
+        )
+    return report["baselines"]

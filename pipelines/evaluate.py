@@ -170,12 +170,13 @@ def model_score_fn(recommender) -> ScoreFn:
 
 
 def run(cfg: Config, root: Path = Path("."), defer_artifacts: bool = False) -> dict[str, Any]:
-    """The DVC stage: evaluate the trained model and the baselines on the test split.
+    """The DVC stage: evaluate the trained model on the test split, beside the baselines'
+    scores from the `baselines` stage.
 
     `defer_artifacts`: log the metrics, and leave the report and the plots to
     `tracking.log_deferred_artifacts`.
     """
-    from pipelines.baselines import fit_baseline
+    from pipelines.baselines import load_scores
     from pipelines.errors import DataError
     from pipelines.events import write_json
     from pipelines.model import Recommender, load_model
@@ -185,6 +186,7 @@ def run(cfg: Config, root: Path = Path("."), defer_artifacts: bool = False) -> d
     model_dir = root / cfg.paths.model_dir
     if not (model_dir / "spec.json").exists():
         raise DataError(f"{model_dir} has no model: run `attnflow train` first")
+    baselines = load_scores(cfg, root)  # before the model's scoring: a stale report fails fast
     encoder = load_model(model_dir)
     spec = encoder.spec
     mcfg = spec.config
@@ -193,22 +195,23 @@ def run(cfg: Config, root: Path = Path("."), defer_artifacts: bool = False) -> d
     negatives = negatives_for(data, "test", ecfg.sampled_negatives, ecfg.seed)
     mask = spec.mask_token if mcfg.objective == "masked" else None
     rec = Recommender(encoder)
-    common = dict(
+    model_result = evaluate_scores(
+        model_score_fn(rec),
         data=data,
         which="test",
         ks=ecfg.ks,
         max_len=mcfg.max_len,
         weight_buckets_n=mcfg.weight_buckets,
+        mask_token=mask,
         negatives=negatives,
     )
-    model_result = evaluate_scores(model_score_fn(rec), mask_token=mask, **common)
-    # what the model learned from: with a refit, each user's validation event too; the
-    # baselines learn from the same events and the cold segments count in them
+    # what the model learned from: with a refit, each user's validation event too (the
+    # cold segments count in it, as the baselines learn from it)
     seen = data.history_test if cfg.train.refit_with_valid else data.train
     report: dict[str, Any] = {
         "model": {"full": model_result.full, "sampled": model_result.sampled},
         "segments": segments(model_result, data, "test", ecfg, learned=seen),
-        "baselines": {},
+        "baselines": baselines,
         "protocol": {
             "split": "test (leave-one-out: each user's last event)",
             "users": len(model_result.users),
@@ -216,10 +219,6 @@ def run(cfg: Config, root: Path = Path("."), defer_artifacts: bool = False) -> d
             "sampled": f"target vs {ecfg.sampled_negatives} uniform unseen items, seed {ecfg.seed}",
         },
     }
-    for name in ecfg.baselines:
-        base = fit_baseline(name, seen, data.n_items)
-        res = evaluate_scores(base.score, **{**common, "max_len": 10**6})
-        report["baselines"][name] = {"full": res.full, "sampled": res.sampled}
     write_json(report, root / cfg.paths.reports_dir / "evaluate.json")
     log_evaluation(cfg, root, report, rec, data, artifacts=not defer_artifacts)
     return report

@@ -148,7 +148,8 @@ def repro_stage(name: str, root: Path) -> dict[str, Any]:
 
 # The dvc.yaml commands the flows may run in their own process instead of a new one.
 IN_PROCESS_COMMANDS = {
-    f"attnflow {name}": name for name in ("ingest", "validate", "split", "train", "evaluate")
+    f"attnflow {name}": name
+    for name in ("ingest", "validate", "split", "baselines", "train", "evaluate")
 }
 
 

@@ -29,7 +29,7 @@ def clone(tmp_path_factory, mirror) -> Path:
     return root
 
 
-STAGES = ["ingest", "validate", "split", "train", "evaluate"]
+STAGES = ["ingest", "validate", "split", "baselines", "train", "evaluate"]
 
 
 def dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -69,7 +69,7 @@ def test_retrain_flow_runs_the_dvc_dag_and_retries_a_held_lock(clone):
 
     assert dvc("repro", cwd=clone).returncode == 0
     params = yaml.safe_load((clone / "params.yaml").read_text())
-    params["split"]["min_item_events"] = 8  # a different split: train and evaluate rerun
+    params["split"]["min_item_events"] = 8  # a different split: every later stage reruns
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     retrain(root=str(clone), stages=[])  # start Prefect's temporary API before taking the lock
@@ -92,7 +92,7 @@ def test_retrain_flow_runs_the_dvc_dag_and_retries_a_held_lock(clone):
     assert by_stage["ingest"]["attempts"] >= 2  # failed on the lock, retried
     assert not by_stage["ingest"]["ran"] and not by_stage["validate"]["ran"]
     assert by_stage["split"]["ran"] and by_stage["split"]["attempts"] == 1
-    assert by_stage["train"]["ran"] and by_stage["evaluate"]["ran"]
+    assert all(by_stage[s]["ran"] for s in ("baselines", "train", "evaluate"))
     assert time.monotonic() - started > 5
     assert json.loads((clone / "reports/split.json").read_text())["n_items"] < 3657
     # DVC's own view agrees with what the flow recorded in-process
@@ -104,7 +104,7 @@ def test_retrain_flow_runs_the_dvc_dag_and_retries_a_held_lock(clone):
     assert forced.returncode == 0, forced.stderr
     assert yaml.safe_load((clone / "dvc.lock").read_text())["stages"]["split"] == warm_lock["split"]
 
-    # back to the earlier split: DVC restores split, train and evaluate from its run cache
+    # back to the earlier split: DVC restores the later stages from its run cache
     params["split"]["min_item_events"] = yaml.safe_load(
         (Path(__file__).parents[2] / "params.yaml").read_text()
     )["split"]["min_item_events"]
@@ -112,7 +112,7 @@ def test_retrain_flow_runs_the_dvc_dag_and_retries_a_held_lock(clone):
     again_result = retrain(root=str(clone), deploy=False)
     again = {s["stage"]: s for s in again_result["stages"]}
     assert again_result["artifacts"] == []  # the restored model's run has them
-    assert [again[s]["restored"] for s in ("split", "train", "evaluate")] == [True] * 3
+    assert all(again[s]["restored"] for s in ("split", "baselines", "train", "evaluate"))
     assert not any(again[s]["ran"] for s in STAGES)
     assert json.loads((clone / "reports/split.json").read_text())["n_items"] == 3657
     assert "up to date" in dvc("status", cwd=clone).stdout
@@ -123,12 +123,21 @@ def test_retrain_flow_can_run_each_stage_in_a_dvc_repro_process(clone):
     from flows.retrain import retrain
 
     params = yaml.safe_load((clone / "params.yaml").read_text())
-    params["evaluate"]["seed"] = 7  # only evaluate is out of date
+    params["evaluate"]["seed"] = 7  # other sampled negatives: the baselines and evaluate rerun
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     result = retrain(root=str(clone), warm=False, deploy=False)
     by_stage = {s["stage"]: s for s in result["stages"]}
     assert not any("in_process" in s for s in result["stages"])
-    assert by_stage["evaluate"]["ran"] and not by_stage["train"]["ran"]
+    assert by_stage["baselines"]["ran"] and by_stage["evaluate"]["ran"]
+    assert not by_stage["train"]["ran"]
+    assert "up to date" in dvc("status", cwd=clone).stdout
+
+    params["train"]["seed"] = 5  # another model on the same split: the baselines stay
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = retrain(root=str(clone), warm=False, deploy=False)
+    by_stage = {s["stage"]: s for s in result["stages"]}
+    assert by_stage["train"]["ran"] and by_stage["evaluate"]["ran"]
+    assert not by_stage["baselines"]["ran"]
     assert "up to date" in dvc("status", cwd=clone).stdout
 
 

@@ -21,7 +21,7 @@ import httpx
 import pytest
 import yaml
 
-from pipelines import evaluate, train
+from pipelines import baselines, evaluate, train
 from pipelines.config import load_config
 from pipelines.model import load_arrays, load_extra, save_model
 from pipelines.registry import (
@@ -132,6 +132,7 @@ def platform(tmp_path_factory):
         for name, seed in (("v_good_1", 42), ("v_good_2", 5)):
             cfg = load_config(root / "params.yaml", [f"train.seed={seed}"])
             train.run(cfg, root)
+            baselines.run(cfg, root)
             evaluate.run(cfg, root)
             versions[name] = register_candidate(cfg, root)["version"]
         stack.ensure_serving()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines import evaluate, train
+from pipelines import baselines, evaluate, train
 from pipelines.baselines import MostPopular
 from pipelines.evaluate import evaluate_scores, negatives_for
 from pipelines.sequences import load_split
@@ -97,6 +97,7 @@ def test_refit_stages_record_it_and_fit_baselines_on_the_same_events(
     )
     summary = train.run(cfg, tmp_path)
     assert summary["refit_epochs"] == summary["best_epoch"] >= 1
+    baselines.run(cfg, tmp_path)
     report = evaluate.run(cfg, tmp_path)
     data = load_split(tmp_path / "data" / "split")
     args = dict(

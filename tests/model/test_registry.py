@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from pipelines import evaluate, train
+from pipelines import baselines, evaluate, train
 from pipelines.gates import GateFailed
 from pipelines.model import load_extra
 from pipelines.registry import (
@@ -37,6 +37,7 @@ def project(tmp_path_factory, synth_split):
 def _train(root, **over):
     cfg = small_config(**{"train.epochs": 3, "ingest.dataset": "synthetic", **over})
     train.run(cfg, root)
+    baselines.run(cfg, root)
     evaluate.run(cfg, root)
     return cfg
 

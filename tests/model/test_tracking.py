@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipelines import evaluate, train
+from pipelines import baselines, evaluate, train
 from pipelines.inference import ServedModel
 from pipelines.model import ModelCorrupted, load_model
 from tests.model.conftest import small_config
@@ -24,6 +24,7 @@ def trained(tmp_path_factory, synth_split):
     mp.setenv("ATTNFLOW_MLFLOW_ARTIFACTS", (root / "artifacts").as_uri())
     cfg = small_config(**{"train.epochs": 3, "ingest.dataset": "synthetic"})
     summary = train.run(cfg, root)
+    baselines.run(cfg, root)
     report = evaluate.run(cfg, root)
     yield root, cfg, summary, report
     mp.undo()
@@ -167,6 +168,7 @@ def test_deferred_artifacts_are_drawn_later_once(tmp_path, synth_split, monkeypa
     monkeypatch.setenv("ATTNFLOW_MLFLOW_ARTIFACTS", (tmp_path / "artifacts").as_uri())
     cfg = small_config(**{"train.epochs": 2, "ingest.dataset": "synthetic"})
     summary = train.run(cfg, tmp_path, defer_artifacts=True)
+    baselines.run(cfg, tmp_path)
     evaluate.run(cfg, tmp_path, defer_artifacts=True)
     client = MlflowClient()
     run_id = summary["mlflow_run_id"]

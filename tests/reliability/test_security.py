@@ -167,7 +167,7 @@ def test_raw_user_ids_reach_no_log_or_metric_but_their_pseudonyms_do(stack):
 def tracked(tmp_path_factory):
     """A one-epoch training and evaluation on users with personal-looking ids, tracked in
     MLflow (SQLite store, local artifacts) and registered; the heatmap rows it drew."""
-    from pipelines import evaluate, plots, train
+    from pipelines import baselines, evaluate, plots, train
     from pipelines.config import SplitConfig, SyntheticConfig
     from pipelines.model import load_extra
     from pipelines.registry import lineage_tags, register
@@ -205,6 +205,7 @@ def tracked(tmp_path_factory):
     try:
         cfg = small_config(**{"train.epochs": 1, "ingest.dataset": "synthetic"})
         summary = train.run(cfg, root)
+        baselines.run(cfg, root)
         evaluate.run(cfg, root)
         lineage = load_extra(root / "models/attnflow", "lineage")
         version = register(
