@@ -239,6 +239,20 @@ def push_data(root: str, warm: bool = True) -> dict[str, Any]:
     return {"pushed": True}
 
 
+@task(name="rollout")
+def rollout_task(version: str, root: str) -> dict[str, Any]:
+    """Canary `version` from this run (see `flows.rollout.rollout`, with `follow`).
+
+    A task, not a subflow: a subflow run costs this run about a second at each end (its
+    API round trips, and Prefect joining its heartbeat thread, which sleeps in 1 s steps);
+    the `rollout` deployment's runs, such as the one the challenger's webhook starts, are
+    flow runs of their own.
+    """
+    from flows.rollout import rollout
+
+    return rollout.fn(version=version, root=root, actor="retrain flow", follow=True)
+
+
 @task(name="serve-champion")
 def serve_champion(root: str) -> dict[str, Any] | None:
     """Make the serving stack serve the `champion` version (when the stack is up)."""
@@ -334,7 +348,6 @@ def _deploy(root_path: Path, reg: dict[str, Any]) -> dict[str, Any]:
         served = serve_champion(str(root_path))
         out["served"] = served["version"] if served else None
     elif reg.get("alias") == "challenger" and reg.get("new"):
-        from flows.rollout import rollout
         from services.stack import LocalStack
 
         if LocalStack(root_path).is_up():
@@ -344,9 +357,7 @@ def _deploy(root_path: Path, reg: dict[str, Any]) -> dict[str, Any]:
                 # `follow`: the webhook of the `challenger` alias set above starts a rollout
                 # run of this version too; if that run takes the lock first, this flow
                 # waits for it, so that it still ends with the rollout's outcome
-                out["rollout"] = rollout(
-                    version=reg["version"], root=str(root_path), actor="retrain flow", follow=True
-                )
+                out["rollout"] = rollout_task(reg["version"], str(root_path))
             except RolloutBusy as exc:
                 # another version's rollout is running: the reconciler starts this one after
                 log.info("v%s: %s", reg["version"], exc)
