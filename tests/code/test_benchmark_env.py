@@ -30,24 +30,28 @@ def test_copying_the_repository_leaves_the_environment_alone() -> None:
 
 
 def _run(overhead: float, rerun: float = 4.0) -> dict:
+    """A measured run whose platform overhead (the bakes left out) is `overhead`."""
     return {
-        "overhead_vs_bare_training": overhead,
-        "overhead_vs_bare_training_excluding_bake": overhead - 0.1,
-        "overhead_vs_outer_bare_training": overhead + 0.1,
+        "overhead_vs_bare_training": overhead + 0.2,  # the bakes counted
+        "overhead_vs_bare_training_excluding_bake": overhead,
+        "overhead_vs_outer_bare_training": overhead + 0.3,
         "rerun_nothing_changed_s": rerun,
     }
 
 
-def test_the_overhead_target_is_judged_on_the_median_run() -> None:
+def test_the_overhead_target_is_judged_on_the_median_run_without_the_bakes() -> None:
     from benchmarks.pipeline_overhead import summarize
 
     # one drifted run on either side must not decide the verdict
     met = summarize([_run(0.22), _run(0.41), _run(0.24)])
-    assert met["median_overhead_vs_bare_training"] == 0.24
+    assert met["median_overhead_vs_bare_training_excluding_bake"] == 0.24
     assert met["met"] is True
+    # the configured bakes are reported beside it, never hidden
+    assert met["median_overhead_vs_bare_training"] == 0.44
+    assert met["met_counting_the_bakes"] is False
     assert len(met["runs"]) == 3
     missed = summarize([_run(0.18), _run(0.26), _run(0.27)])
-    assert missed["median_overhead_vs_bare_training"] == 0.26
+    assert missed["median_overhead_vs_bare_training_excluding_bake"] == 0.26
     assert missed["met"] is False
     # the re-run target counts too
     assert summarize([_run(0.2, rerun=31.0)])["met"] is False
@@ -55,7 +59,7 @@ def test_the_overhead_target_is_judged_on_the_median_run() -> None:
     with_failure = summarize([_run(0.1), {"failed": "rolled back"}, _run(0.3)])
     assert with_failure["median_of_runs"] == 2
     assert with_failure["failed_runs"] == 1
-    assert with_failure["median_overhead_vs_bare_training"] == 0.2
+    assert with_failure["median_overhead_vs_bare_training_excluding_bake"] == 0.2
     assert with_failure["met"] is True
     assert len(with_failure["runs"]) == 3
     assert summarize([{"failed": "rolled back"}])["met"] is False
