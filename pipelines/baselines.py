@@ -138,6 +138,7 @@ def protocol(cfg: Config) -> dict[str, Any]:
 
 
 def report_path(cfg: Config, root: Path) -> Path:
+    """Where the `baselines` stage writes its report (a metrics file in dvc.yaml)."""
     return root / cfg.paths.reports_dir / "baselines.json"
 
 
