@@ -11,7 +11,6 @@ about 0.8 s on ml-latest-small).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import scipy.sparse as sp
 import torch
 
 from pipelines.config import Config
-from pipelines.sequences import Batch, Sequences
+from pipelines.sequences import Batch, Sequences, data_sha256
 
 
 class MostPopular:
@@ -113,17 +112,6 @@ def fit_baseline(name: str, train: Sequences, n_items: int):
     return BASELINES[name](train, n_items)
 
 
-def split_digest(split_dir: Path) -> str:
-    """sha256 over the split's files (names and bytes): which split a report was made on."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(split_dir).iterdir()):
-        if path.is_file():
-            digest.update(path.name.encode() + b"\0")
-            with path.open("rb") as fh:
-                digest.update(hashlib.file_digest(fh, "sha256").digest())
-    return digest.hexdigest()
-
-
 def protocol(cfg: Config) -> dict[str, Any]:
     """The settings baseline scores depend on besides the split (evaluate checks them)."""
     ecfg = cfg.evaluate
@@ -168,7 +156,7 @@ def run(cfg: Config, root: Path = Path(".")) -> dict[str, Any]:
             negatives=negatives,
         )
         scores[name] = {"full": res.full, "sampled": res.sampled}
-    report = {"split": split_digest(split_dir), "protocol": protocol(cfg), "baselines": scores}
+    report = {"split": data_sha256(split_dir), "protocol": protocol(cfg), "baselines": scores}
     write_json(report, report_path(cfg, root))
     return report
 
@@ -185,7 +173,7 @@ def load_scores(cfg: Config, root: Path) -> dict[str, Any]:
     if not path.exists():
         raise DataError(f"{path} is missing: run `attnflow baselines` first")
     report = json.loads(path.read_text(encoding="utf-8"))
-    if report.get("split") != split_digest(root / cfg.paths.split_dir):
+    if report.get("split") != data_sha256(root / cfg.paths.split_dir):
         raise DataError(f"{path} was made on another split: run `attnflow baselines` again")
     if report.get("protocol") != protocol(cfg):
         raise DataError(

@@ -14,6 +14,7 @@ Features per event (index 0 is always padding):
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,16 @@ def _to_sequences(
         weights=df["weight"].to_numpy(np.float32),
         offsets=offsets,
     )
+
+
+def data_sha256(split_dir: Path) -> str:
+    """Content hash of the split files (the data version, independent of DVC)."""
+    h = hashlib.sha256()
+    for path in sorted(Path(split_dir).iterdir()):
+        if path.is_file():
+            h.update(path.name.encode())
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
 
 
 def load_split(split_dir: Path, time_buckets: int = 24) -> SplitData:

@@ -33,7 +33,7 @@ import torch
 from pipelines.config import Config
 from pipelines.evaluate import evaluate_scores, negatives_for
 from pipelines.model import AttnFlowEncoder, ModelSpec, Recommender, contrastive_loss, softmax_loss
-from pipelines.sequences import SplitData, length_bucketed_batches, train_batch
+from pipelines.sequences import SplitData, data_sha256, length_bucketed_batches, train_batch
 
 log = logging.getLogger(__name__)
 
@@ -699,16 +699,6 @@ def copy_encoder(encoder: AttnFlowEncoder) -> AttnFlowEncoder:
 
 
 # --- the stage -----------------------------------------------------------------------------------
-
-
-def data_sha256(split_dir: Path) -> str:
-    """Content hash of the split files (the data version, independent of DVC)."""
-    h = hashlib.sha256()
-    for path in sorted(Path(split_dir).iterdir()):
-        if path.is_file():
-            h.update(path.name.encode())
-            h.update(hashlib.sha256(path.read_bytes()).digest())
-    return h.hexdigest()
 
 
 def lineage_for(cfg: Config, root: Path, data: SplitData) -> dict[str, Any]:
