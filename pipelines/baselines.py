@@ -140,7 +140,7 @@ def run(cfg: Config, root: Path = Path(".")) -> dict[str, Any]:
     split_dir = root / cfg.paths.split_dir
     data = load_split(split_dir, cfg.model.time_buckets)
     ecfg = cfg.evaluate
-    seen = data.history_test if cfg.train.refit_with_valid else data.train
+    seen = data.learned(cfg.train.refit_with_valid)
     negatives = negatives_for(data, "test", ecfg.sampled_negatives, ecfg.seed)
     scores = {}
     for name in ecfg.baselines:

@@ -205,9 +205,7 @@ def run(cfg: Config, root: Path = Path("."), defer_artifacts: bool = False) -> d
         mask_token=mask,
         negatives=negatives,
     )
-    # what the model learned from: with a refit, each user's validation event too (the
-    # cold segments count in it, as the baselines learn from it)
-    seen = data.history_test if cfg.train.refit_with_valid else data.train
+    seen = data.learned(cfg.train.refit_with_valid)
     report: dict[str, Any] = {
         "model": {"full": model_result.full, "sampled": model_result.sampled},
         "segments": segments(model_result, data, "test", ecfg, learned=seen),

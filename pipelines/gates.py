@@ -171,7 +171,7 @@ def run_gates(
     result.metrics[f"candidate_{metric}"] = cand
     best_base, best_name = 0.0, None
     # as in the evaluate stage: baselines learn from the events the candidate learned from
-    seen = data.history_test if cfg.train.refit_with_valid else data.train
+    seen = data.learned(cfg.train.refit_with_valid)
     for name in g.baselines:
         value = evaluate_scores(fit_baseline(name, seen, data.n_items).score, **common).full[metric]
         result.metrics[f"baseline_{name}_{metric}"] = value

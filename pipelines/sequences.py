@@ -67,6 +67,11 @@ class SplitData:
     users: pd.DataFrame  # user_idx, user_id
     meta: dict
 
+    def learned(self, refit_with_valid: bool) -> Sequences:
+        """The events a model learns from: train, plus each user's validation event after
+        a refit (`train.refit_with_valid`); baselines and cold segments count the same."""
+        return self.history_test if refit_with_valid else self.train
+
 
 def gap_buckets(ts_seconds: np.ndarray, starts: np.ndarray, n_buckets: int) -> np.ndarray:
     """Bucket of the time since the previous event of the same user (first event: 1)."""
